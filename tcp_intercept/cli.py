@@ -1,0 +1,187 @@
+"""argv -> Config, exit codes, main().
+
+Exit codes are the original's (sysexits.h): 64 for a bad command line, 65
+for an address that cannot be used, 71 for an operating-system failure.
+Everything below this module raises; only here do errors become messages.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import sys
+
+from . import NAME, __version__, address, sockopts
+from .address import AddressError
+from .config import DEFAULT_LISTEN, DEFAULT_OUTGOING, Config, Keepalive
+
+EX_OK, EX_USAGE, EX_DATAERR, EX_OSERR = 0, 64, 65, 71
+
+USAGE = """\
+Usage: {prog} [options]
+Intercepts TCP connections redirected to it with TPROXY and relays each one
+to its original destination over a connection of its own.
+
+Options:
+  -h --help                       Displays this help message and exits
+  -V --version                    Displays the version and exits
+  -k --keepalive                  Enable keepalive on the sockets (first probe
+                                  after 60 s idle, every 10 s, 6 probes)
+  -n --tcp_nodelay                Disable Nagle's Algorithm on the sockets
+  -f --foreground                 Don't fork and detach
+  --pid-file -p file              The file to write the PID to, especially
+                                  useful when running as a daemon. Must be an
+                                  absolute path.
+  --bind-listen -b host:port      Bind to the specified address for incoming
+                                  connections. Default [0.0.0.0]:[5000]
+                                  host and port resolving can be bypassed by
+                                  placing [] around them
+  --bind-outgoing -B host:port    Bind to the specified address for outgoing
+                                  connections. Default [0.0.0.0]:[0], which
+                                  lets the kernel choose (any family).
+                                  host and port resolving can be bypassed by
+                                  placing [] around them
+                                  the special string "client" can be used to
+                                  reuse the client's source address. Note that
+                                  you should take care that the return packets
+                                  pass through this process again!
+  --log -l file                   Log to file (reopened on SIGHUP)
+  -q --quiet                      Log no per-connection lines, only start-up,
+                                  warnings and errors
+  --congestion -C algo            Congestion control of the outgoing
+                                  (router to server) sockets
+  --client-congestion algo        Congestion control of the accepted
+                                  (client to router) sockets
+  -M --mptcp                      Outgoing connections use Multipath TCP
+                                  (plain TCP if the server does not speak it)
+  --mptcp-listen                  Accept Multipath TCP as well as TCP from
+                                  clients
+  --keepalive-idle seconds        Idle time before the first keepalive probe
+                                  (implies -k)
+  --keepalive-interval seconds    Time between keepalive probes (implies -k)
+  --keepalive-count n             Unanswered probes before the connection is
+                                  dropped (implies -k)
+  --user-timeout seconds          TCP_USER_TIMEOUT on both sockets: drop a
+                                  connection whose peer stops acknowledging
+                                  data for this long
+"""
+
+SHORT = "hVknfqp:b:B:l:C:M"
+LONG = ["help", "version", "keepalive", "tcp_nodelay", "foreground", "quiet",
+        "pid-file=", "bind-listen=", "bind-outgoing=", "log=", "congestion=",
+        "client-congestion=", "mptcp", "mptcp-listen", "keepalive-idle=",
+        "keepalive-interval=", "keepalive-count=", "user-timeout="]
+
+
+class UsageError(ValueError):
+    """A command line that cannot be used (exit status 64)."""
+
+    def __init__(self, message: str, show_usage: bool = False):
+        super().__init__(message)
+        self.show_usage = show_usage
+
+
+class Exit(Exception):
+    """Leave main() at once with this status (after --help or --version)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def version_text() -> str:
+    return (f"{NAME} version {__version__}\n"
+            f" Python {sys.version.split()[0]}, libev through gevent\n"
+            " Options:\n"
+            "   IPv6: yes\n"
+            "   MPTCP: " + ("yes" if sockopts.mptcp_available() else "no") + "\n")
+
+
+def _seconds(option: str, value: str, *, integer: bool) -> float:
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        raise UsageError(f"{option}: {value!r} is not a number") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise UsageError(f"{option}: {value!r} must be greater than zero")
+    return number
+
+
+def parse_args(argv: list[str], prog: str = NAME) -> Config:
+    """The command line as a Config; raises UsageError, AddressError or Exit."""
+    try:
+        opts, rest = getopt.gnu_getopt(argv, SHORT, LONG)
+    except getopt.GetoptError as err:
+        raise UsageError(str(err), show_usage=True) from None
+    if rest:
+        raise UsageError(f"unexpected argument {rest[0]!r}")
+    listen, outgoing = DEFAULT_LISTEN, DEFAULT_OUTGOING
+    flags: dict = {}
+    keepalive = None
+    for opt, value in opts:
+        if opt in ("-h", "--help"):
+            sys.stderr.write(USAGE.format(prog=prog))
+            raise Exit(EX_OK)
+        if opt in ("-V", "--version"):
+            sys.stdout.write(version_text())
+            raise Exit(EX_OK)
+        if opt in ("-k", "--keepalive"):
+            keepalive = keepalive or Keepalive()
+        elif opt in ("-n", "--tcp_nodelay"):
+            flags["nodelay"] = True
+        elif opt in ("-f", "--foreground"):
+            flags["foreground"] = True
+        elif opt in ("-q", "--quiet"):
+            flags["quiet"] = True
+        elif opt in ("-p", "--pid-file"):
+            flags["pid_file"] = value
+        elif opt in ("-b", "--bind-listen"):
+            listen = value
+        elif opt in ("-B", "--bind-outgoing"):
+            outgoing = value
+        elif opt in ("-l", "--log"):
+            flags["log_file"] = value
+        elif opt in ("-C", "--congestion"):
+            flags["congestion"] = sockopts.check_congestion(value)
+        elif opt == "--client-congestion":
+            flags["client_congestion"] = sockopts.check_congestion(value)
+        elif opt in ("-M", "--mptcp"):
+            flags["mptcp"] = True
+        elif opt == "--mptcp-listen":
+            flags["mptcp_listen"] = True
+        elif opt == "--user-timeout":
+            flags["user_timeout"] = _seconds(opt, value, integer=False)
+        else:
+            field = opt.removeprefix("--keepalive-")
+            keepalive = Keepalive(**{**(keepalive or Keepalive()).__dict__,
+                                     field: int(_seconds(opt, value, integer=True))})
+    if "pid_file" in flags and not os.path.isabs(flags["pid_file"]):
+        raise UsageError(f"--pid-file: {flags['pid_file']!r} is not an absolute path")
+    if (flags.get("mptcp") or flags.get("mptcp_listen")) and not sockopts.mptcp_available():
+        raise UsageError("Multipath TCP is not available: the kernel lacks it "
+                         "or net.mptcp.enabled is 0")
+    return Config(listen=address.parse(listen),
+                  outgoing=None if outgoing == "client" else address.parse(outgoing),
+                  keepalive=keepalive, **flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    prog = os.path.basename(sys.argv[0]) or NAME
+    try:
+        config = parse_args(argv, prog)
+    except Exit as done:
+        return done.status
+    except UsageError as err:
+        hint = USAGE.format(prog=prog) if err.show_usage else f"Try '{prog} --help' for the options.\n"
+        sys.stderr.write(f"{prog}: {err}\n{hint}")
+        return EX_USAGE
+    except AddressError as err:
+        sys.stderr.write(f"{err}\n")
+        return EX_DATAERR
+    from . import server  # the event loop and its C extension only past parsing
+    return server.run(config)
+
+
+def run() -> None:
+    sys.exit(main())
