@@ -54,6 +54,8 @@ def parse(text: str) -> Address:
         raise AddressError(f'Invalid bind string "{text}": could not find \':\'')
     host, numeric_host = _strip(text[:colon])
     port, numeric_port = _strip(text[colon + 1:])
+    if numeric_port and not (port.isdigit() and int(port) <= 65535):
+        raise AddressError(f'Can not bind to "{text}": [{port}] is not a port number')
     flags = socket.AI_PASSIVE
     if numeric_host:
         flags |= socket.AI_NUMERICHOST

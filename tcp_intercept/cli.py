@@ -102,9 +102,27 @@ def _seconds(option: str, value: str, *, integer: bool) -> float:
         number = int(value) if integer else float(value)
     except ValueError:
         raise UsageError(f"{option}: {value!r} is not a number") from None
-    if not number > 0 or number != number or number == float("inf"):
-        raise UsageError(f"{option}: {value!r} must be greater than zero")
+    if not 0 < number < 2**31 / 1000:  # also refuses nan and inf
+        raise UsageError(f"{option}: {value!r} must be greater than zero "
+                         "and less than 2147483")
     return number
+
+
+# Options that set one Config field: option -> (field, value from argument).
+_FIELDS = {
+    "-n": ("nodelay", None), "--tcp_nodelay": ("nodelay", None),
+    "-f": ("foreground", None), "--foreground": ("foreground", None),
+    "-q": ("quiet", None), "--quiet": ("quiet", None),
+    "-p": ("pid_file", str), "--pid-file": ("pid_file", str),
+    "-b": ("listen", str), "--bind-listen": ("listen", str),
+    "-B": ("outgoing", str), "--bind-outgoing": ("outgoing", str),
+    "-l": ("log_file", str), "--log": ("log_file", str),
+    "-C": ("congestion", sockopts.check_congestion),
+    "--congestion": ("congestion", sockopts.check_congestion),
+    "--client-congestion": ("client_congestion", sockopts.check_congestion),
+    "-M": ("mptcp", None), "--mptcp": ("mptcp", None),
+    "--mptcp-listen": ("mptcp_listen", None),
+}
 
 
 def parse_args(argv: list[str], prog: str = NAME) -> Config:
@@ -115,9 +133,8 @@ def parse_args(argv: list[str], prog: str = NAME) -> Config:
         raise UsageError(str(err), show_usage=True) from None
     if rest:
         raise UsageError(f"unexpected argument {rest[0]!r}")
-    listen, outgoing = DEFAULT_LISTEN, DEFAULT_OUTGOING
-    flags: dict = {}
-    keepalive = None
+    flags: dict = {"listen": DEFAULT_LISTEN, "outgoing": DEFAULT_OUTGOING}
+    keepalive: dict | None = None
     for opt, value in opts:
         if opt in ("-h", "--help"):
             sys.stderr.write(USAGE.format(prog=prog))
@@ -125,55 +142,45 @@ def parse_args(argv: list[str], prog: str = NAME) -> Config:
         if opt in ("-V", "--version"):
             sys.stdout.write(version_text())
             raise Exit(EX_OK)
-        if opt in ("-k", "--keepalive"):
-            keepalive = keepalive or Keepalive()
-        elif opt in ("-n", "--tcp_nodelay"):
-            flags["nodelay"] = True
-        elif opt in ("-f", "--foreground"):
-            flags["foreground"] = True
-        elif opt in ("-q", "--quiet"):
-            flags["quiet"] = True
-        elif opt in ("-p", "--pid-file"):
-            flags["pid_file"] = value
-        elif opt in ("-b", "--bind-listen"):
-            listen = value
-        elif opt in ("-B", "--bind-outgoing"):
-            outgoing = value
-        elif opt in ("-l", "--log"):
-            flags["log_file"] = value
-        elif opt in ("-C", "--congestion"):
-            flags["congestion"] = sockopts.check_congestion(value)
-        elif opt == "--client-congestion":
-            flags["client_congestion"] = sockopts.check_congestion(value)
-        elif opt in ("-M", "--mptcp"):
-            flags["mptcp"] = True
-        elif opt == "--mptcp-listen":
-            flags["mptcp_listen"] = True
+        if opt in _FIELDS:
+            name, convert = _FIELDS[opt]
+            flags[name] = True if convert is None else convert(value)
         elif opt == "--user-timeout":
             flags["user_timeout"] = _seconds(opt, value, integer=False)
-        else:
-            field = opt.removeprefix("--keepalive-")
-            keepalive = Keepalive(**{**(keepalive or Keepalive()).__dict__,
-                                     field: int(_seconds(opt, value, integer=True))})
-    if "pid_file" in flags and not os.path.isabs(flags["pid_file"]):
-        raise UsageError(f"--pid-file: {flags['pid_file']!r} is not an absolute path")
+        elif opt in ("-k", "--keepalive"):
+            keepalive = keepalive or {}
+        else:  # --keepalive-idle, --keepalive-interval, --keepalive-count
+            keepalive = keepalive or {}
+            keepalive[opt.removeprefix("--keepalive-")] = _seconds(opt, value, integer=True)
+    _check(flags)
+    outgoing = flags.pop("outgoing")
+    return Config(listen=address.parse(flags.pop("listen")),
+                  outgoing=None if outgoing == "client" else address.parse(outgoing),
+                  keepalive=None if keepalive is None else Keepalive(**keepalive),
+                  **flags)
+
+
+def _check(flags: dict) -> None:
+    pid_file = flags.get("pid_file")
+    if pid_file is not None and not os.path.isabs(pid_file):
+        raise UsageError(f"--pid-file: {pid_file!r} is not an absolute path")
     if (flags.get("mptcp") or flags.get("mptcp_listen")) and not sockopts.mptcp_available():
         raise UsageError("Multipath TCP is not available: the kernel lacks it "
                          "or net.mptcp.enabled is 0")
-    return Config(listen=address.parse(listen),
-                  outgoing=None if outgoing == "client" else address.parse(outgoing),
-                  keepalive=keepalive, **flags)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    prog = os.path.basename(sys.argv[0]) or NAME
+    prog = os.path.basename(sys.argv[0])
+    if prog in ("", "__main__.py"):
+        prog = NAME
     try:
         config = parse_args(argv, prog)
     except Exit as done:
         return done.status
     except UsageError as err:
-        hint = USAGE.format(prog=prog) if err.show_usage else f"Try '{prog} --help' for the options.\n"
+        hint = (USAGE.format(prog=prog) if err.show_usage
+                else f"Try '{prog} --help' for the options.\n")
         sys.stderr.write(f"{prog}: {err}\n{hint}")
         return EX_USAGE
     except AddressError as err:

@@ -1,0 +1,216 @@
+"""A splice pair: the intercepted client socket, our own socket to the
+original destination, and one relay per direction.
+
+Life of a connection:
+  connecting  accepted; a non-blocking connect() to the original destination
+              is under way. Only the server socket is watched (writable =
+              connect finished). A refused or failed connect resets the client.
+  relaying    both relays run (C>S and S>C); `_update` alone decides which
+              events each socket waits for, from the relays' states.
+  half-closed one relay saw EOF and shut down its destination's write side;
+              the other direction goes on until it sees EOF too.
+  closed      both relays are done, or an error (including a reset from
+              either peer) aborted it: then both sockets are closed with
+              SO_LINGER 0, so the other peer gets a reset too, not a FIN that
+              would pass lost bytes off as a clean end.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass, field
+from os import strerror
+
+from loguru import logger as log
+
+from .address import format_sockaddr
+from .evloop import EVENTS, READ, WRITE, Loop
+from .pipes import PipePool
+from .relay import Relay
+from .sockopts import IP_BIND_ADDRESS_NO_PORT, set_transparent
+from .table import ConnectionTable
+
+LINGER_RESET = struct.pack("ii", 1, 0)
+SOCK_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+
+
+@dataclass(eq=False)
+class Context:
+    """What every connection shares: the loop and how to reach servers."""
+    loop: Loop
+    pool: PipePool
+    table: ConnectionTable
+    log_connections: bool
+    # Socket options for the outgoing socket, and how to bind it.
+    server_options: list = field(default_factory=list)
+    server_proto: int = socket.IPPROTO_TCP
+    spoof_client: bool = False
+    bind_address: tuple | None = None
+    bind_family: int = socket.AF_INET
+    bind_no_port: bool = False
+
+
+class Connection:
+    __slots__ = ("ctx", "client", "server", "peer", "dst", "c2s", "s2c",
+                 "cw", "sw", "cmask", "smask", "key", "closed")
+
+    def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple):
+        self.ctx = ctx
+        self.client = client
+        self.peer = peer
+        self.dst = dst
+        self.server = None
+        self.cw = self.sw = None
+        self.cmask = self.smask = 0
+        self.closed = False
+        self.key = ctx.table.add(self)
+        if ctx.log_connections:
+            log.info("{}: Connection intercepted", self.id)
+        try:
+            self._connect()
+        except OSError as err:
+            log.warning("{}: connect to server failed: {}", self.id, err.strerror or err)
+            self.abort()
+
+    @property
+    def id(self) -> str:
+        return f"{format_sockaddr(self.peer)}-->{format_sockaddr(self.dst)}"
+
+    def _connect(self) -> None:
+        ctx = self.ctx
+        self.server = server = socket.socket(self.client.family, SOCK_FLAGS, ctx.server_proto)
+        for level, option, value in ctx.server_options:
+            server.setsockopt(level, option, value)
+        if ctx.spoof_client:
+            set_transparent(server)
+            # The client may reuse its port while our previous socket on it
+            # sits in TIME_WAIT; the original failed those connections.
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(self.peer)
+        elif ctx.bind_address is not None and server.family == ctx.bind_family:
+            if ctx.bind_no_port:
+                # Let connect() pick the port: bind() would refuse ports in
+                # TIME_WAIT and crawl once half the range is (the original did).
+                server.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            server.bind(ctx.bind_address)
+        status = server.connect_ex(self.dst)
+        if status not in (0, errno.EINPROGRESS):
+            raise OSError(status, strerror(status))
+        if ctx.log_connections:
+            log.info("{}: Connecting {}-->{}", self.id,
+                     format_sockaddr(server.getsockname()), format_sockaddr(self.dst))
+        self.sw = ctx.loop.io(server.fileno(), WRITE)
+        self.smask = WRITE
+        self.sw.start(self._on_connected)
+
+    def _on_connected(self) -> None:
+        if self.closed:
+            return
+        self.sw.stop()  # re-armed by _update, with the relaying callback
+        self.smask = 0
+        relay = None
+        try:
+            error = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                log.warning("{}: connect to server failed: {}", self.id, strerror(error))
+                self.abort()
+                return
+            if self.ctx.log_connections:
+                log.info("{}: server accepted connection, splicing", self.id)
+            pool = self.ctx.pool
+            self.c2s = Relay(self.client, self.server, "C>S", pool)
+            self.s2c = Relay(self.server, self.client, "S>C", pool)
+            self.cw = self.ctx.loop.io(self.client.fileno(), READ)
+            # The client has usually spoken while we were connecting.
+            relay = self.c2s
+            self._read(relay)
+            self._update()
+        except Exception as err:
+            self._fail(relay, err)
+
+    def _on_client(self, events: int) -> None:
+        self._on_event(events, self.c2s, self.s2c)
+
+    def _on_server(self, events: int) -> None:
+        self._on_event(events, self.s2c, self.c2s)
+
+    def _on_event(self, events: int, inbound: Relay, outbound: Relay) -> None:
+        """`inbound` reads from the socket that fired, `outbound` writes to it."""
+        if self.closed:
+            return
+        relay = inbound
+        try:
+            if events & READ:
+                self._read(inbound)
+            if events & WRITE:
+                relay = outbound
+                outbound.on_writable()
+            self._update()
+        except Exception as err:
+            self._fail(relay, err)
+
+    def _read(self, relay: Relay) -> None:
+        if relay.on_readable() and self.ctx.log_connections:
+            log.info("{} {}: EOF", self.id, relay.name)
+
+    def _update(self) -> None:
+        """The one place that decides what each socket waits for."""
+        c2s, s2c = self.c2s, self.s2c
+        if c2s.done and s2c.done:
+            self.close()
+            return
+        cmask = (READ if c2s.reading else 0) | (WRITE if s2c.writing else 0)
+        smask = (READ if s2c.reading else 0) | (WRITE if c2s.writing else 0)
+        if cmask != self.cmask:
+            self.cmask = cmask
+            self._arm(self.cw, cmask, self._on_client)
+        if smask != self.smask:
+            self.smask = smask
+            self._arm(self.sw, smask, self._on_server)
+
+    @staticmethod
+    def _arm(watcher, mask: int, callback) -> None:
+        watcher.stop()
+        if mask:
+            watcher.events = mask
+            watcher.start(callback, EVENTS)
+
+    def _fail(self, relay: Relay | None, err: Exception) -> None:
+        where = f"{self.id} {relay.name}" if relay is not None else self.id
+        if isinstance(err, OSError):
+            log.error("{}: Error: {}", where, err.strerror or err)
+        else:
+            log.opt(exception=err).error("{}: internal error, closing", where)
+        self.abort()
+
+    def abort(self) -> None:
+        """Close with a reset on both sides (SO_LINGER 0)."""
+        for sock in (self.client, self.server):
+            if sock is not None and not self.closed:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+                except OSError:
+                    pass
+        self.close()
+
+    def close(self) -> None:
+        """Release everything. Idempotent, never raises; callbacks that run
+        after it return at once (they check `closed`)."""
+        if self.closed:
+            return
+        self.closed = True
+        for watcher in (self.cw, self.sw):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        if self.cw is not None:
+            self.c2s.release()
+            self.s2c.release()
+        self.client.close()
+        if self.server is not None:
+            self.server.close()
+        self.ctx.table.remove(self.key)
+        if self.ctx.log_connections:
+            log.info("{}: closed", self.id)

@@ -1,0 +1,66 @@
+"""libev, through gevent's bundled Cython binding, and nothing else of gevent.
+
+No greenlets, no hub, no monkey-patching: the rest of the daemon sees a libev
+loop with io, timer and signal watchers, each with start(callback, *args),
+stop() and close(), as in C. gevent documents this interface as low-level and
+free to change between minor releases, so every use of it goes through here
+(and tests/test_evloop.py checks it on its own).
+
+A watcher must be close()d when its owner is done with it: gevent allocates
+the native ev_io outside Python's heap, and only close() frees it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from gevent.libev import corecext
+
+READ = corecext.READ
+WRITE = corecext.WRITE
+# Passed as a callback argument, replaced by the events that fired.
+EVENTS = corecext.EVENTS
+
+
+class Loop:
+    """One libev loop (epoll) and the watchers that run on it."""
+
+    __slots__ = ("_loop", "on_error")
+
+    def __init__(self, on_error: Callable[[object, BaseException], None] | None = None):
+        # Not libev's default loop: that one also reaps children for gevent.
+        self._loop = corecext.loop(default=False)
+        self._loop.error_handler = self
+        self.on_error = on_error
+
+    def io(self, fd: int, events: int):
+        return self._loop.io(fd, events)
+
+    def timer(self, after: float, repeat: float = 0.0):
+        return self._loop.timer(after, repeat)
+
+    def signal(self, signum: int):
+        return self._loop.signal(signum)
+
+    def now(self) -> float:
+        return self._loop.now()
+
+    def run(self) -> None:
+        """Until stop() is called or no watcher is left."""
+        self._loop.run()
+
+    def stop(self) -> None:
+        self._loop.break_()
+
+    def destroy(self) -> None:
+        self._loop.destroy()
+
+    # Called by gevent for an exception that escaped a callback.
+    def handle_error(self, context, exc_type, value, tb) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            raise value  # SystemExit and friends end the loop as usual
+        if self.on_error is not None:
+            self.on_error(context, value)
+        else:
+            sys.excepthook(exc_type, value, tb)

@@ -1,0 +1,129 @@
+"""The listening socket: accept in batches, drop loops, back off on EMFILE.
+
+TPROXY hands us connections addressed to anybody; getsockname() of an
+accepted socket is the destination the client asked for. One whose
+destination is this very listener (a client talking to the daemon itself, or
+rules that send our own traffic back to us) would connect to itself forever,
+so it is dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from loguru import logger as log
+
+from .address import Address, format_sockaddr
+from .connection import Connection, Context
+from .evloop import READ
+from .sockopts import IPPROTO_MPTCP, set_transparent
+
+ACCEPT_BATCH = 64
+BACKOFF = 0.5          # seconds without accept() once descriptors run out
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# Errors that concern only the connection being accepted.
+PER_CONNECTION = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                  errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                  errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
+
+
+def open_listener(addr: Address, options: list, mptcp: bool = False) -> socket.socket:
+    """Bound, listening, transparent; raises OSError (CapabilityError)."""
+    sock = socket.socket(addr.family, socket.SOCK_STREAM,
+                         IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        set_transparent(sock)
+        # Accepted sockets inherit these: set once here, not per connection.
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
+        sock.bind(addr.sockaddr)
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Listener:
+    __slots__ = ("sock", "ctx", "port", "host", "wildcard", "watcher", "timer",
+                 "backing_off")
+
+    def __init__(self, sock: socket.socket, addr: Address, ctx: Context):
+        self.sock = sock
+        self.ctx = ctx
+        self.port = addr.port
+        self.host = addr.host
+        self.wildcard = addr.is_wildcard
+        self.watcher = ctx.loop.io(sock.fileno(), READ)
+        self.timer = ctx.loop.timer(BACKOFF)
+        self.backing_off = False
+
+    def start(self) -> None:
+        self.watcher.start(self._on_readable)
+
+    def close(self) -> None:
+        for watcher in (self.watcher, self.timer):
+            watcher.stop()
+            watcher.close()
+        self.sock.close()
+
+    def _on_readable(self) -> None:
+        accept = self.sock._accept
+        family, proto = self.sock.family, self.sock.proto
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, peer = accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in PER_CONNECTION:
+                    continue
+                self._back_off(err)
+                return
+            if self.backing_off:
+                self.backing_off = False
+                log.info("Accepting connections again ({} open)", len(self.ctx.table))
+            client = socket.socket(family, socket.SOCK_STREAM, proto, fd)
+            try:
+                client.setblocking(False)
+                dst = client.getsockname()
+            except OSError:
+                client.close()
+                continue
+            if self._aimed_at_us(dst):
+                log.warning("{}-->{}: Connection directly to us, dropping",
+                            format_sockaddr(peer), format_sockaddr(dst))
+                client.close()
+                continue
+            Connection(self.ctx, client, peer, dst)
+
+    def _aimed_at_us(self, dst: tuple) -> bool:
+        if dst[1] != self.port:
+            return False
+        if not self.wildcard:
+            return dst[0] == self.host
+        # Bound to the wildcard: any local address on our port is us. An
+        # address is local exactly when a plain bind() to it succeeds.
+        probe = socket.socket(self.sock.family, socket.SOCK_STREAM)
+        try:
+            probe.bind((dst[0], 0))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
+
+    def _back_off(self, err: OSError) -> None:
+        """Out of descriptors or memory: pause accepting instead of spinning."""
+        if not self.backing_off:
+            self.backing_off = True
+            log.error("accept(): {}; not accepting new connections for {} s "
+                      "({} open)", err.strerror, BACKOFF, len(self.ctx.table))
+        self.watcher.stop()
+        self.timer.start(self._resume)
+
+    def _resume(self) -> None:
+        self.watcher.start(self._on_readable)

@@ -1,0 +1,56 @@
+"""The pipe pool: kernel pipes lent to relays while they splice.
+
+A relay needs a pipe only while bytes are in flight between its two sockets,
+so an idle connection holds none. A pipe comes back to the pool empty; one
+that still holds bytes (its connection died mid-transfer) is closed instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_SIZE = 1 << 20
+
+
+class PipePool:
+    __slots__ = ("_free", "max_free", "size", "in_use")
+
+    def __init__(self, max_free: int = 64, size: int = PIPE_SIZE):
+        self._free: list[tuple[int, int]] = []
+        self.max_free = max_free
+        self.size = size
+        self.in_use = 0
+
+    def take(self) -> tuple[int, int]:
+        """(read end, write end) of an empty non-blocking pipe; OSError if none."""
+        if self._free:
+            pipe = self._free.pop()
+        else:
+            pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                # Unprivileged or over fs.pipe-user-pages-soft: the kernel
+                # refuses and the 64 KiB default pipe does the job, slower.
+                fcntl.fcntl(pipe[1], F_SETPIPE_SZ, self.size)
+            except OSError:
+                pass
+        self.in_use += 1
+        return pipe
+
+    def give(self, pipe: tuple[int, int], empty: bool = True) -> None:
+        self.in_use -= 1
+        if empty and len(self._free) < self.max_free:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        while self._free:
+            r, w = self._free.pop()
+            os.close(r)
+            os.close(w)
+
+    def __len__(self) -> int:
+        return len(self._free)

@@ -1,0 +1,35 @@
+"""The connection table: every live connection, keyed by arrival order.
+
+The original kept a list and scanned it to remove a connection (O(n) per
+close); a SortedDict keyed by a serial number removes in O(log n) and still
+walks the connections oldest first at shutdown.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+
+from sortedcontainers import SortedDict
+
+
+class ConnectionTable:
+    __slots__ = ("_live", "_serial")
+
+    def __init__(self):
+        self._live = SortedDict()
+        self._serial = count()
+
+    def add(self, connection) -> int:
+        key = next(self._serial)
+        self._live[key] = connection
+        return key
+
+    def remove(self, key: int) -> None:
+        self._live.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def connections(self) -> list:
+        """Oldest first; a copy, so closing them while iterating is safe."""
+        return list(self._live.values())
