@@ -1,0 +1,65 @@
+"""The libev adapter on its own: gevent calls this interface low-level and
+free to change, so what the daemon relies on is checked here directly."""
+
+import os
+import signal
+import socket
+
+from tcp_intercept.evloop import EVENTS, READ, WRITE, Loop
+
+
+def test_io_watcher_reports_which_events_fired():
+    loop = Loop()
+    a, b = socket.socketpair()
+    seen = []
+    watcher = loop.io(a.fileno(), READ | WRITE)
+
+    def fired(events):
+        seen.append(events)
+        watcher.stop()
+
+    watcher.start(fired, EVENTS)
+    b.send(b"x")
+    loop.run()
+    assert seen == [READ | WRITE]
+    # events can change only while stopped, which is how connections re-arm
+    watcher.events = READ
+    assert watcher.events & (READ | WRITE) == READ
+    watcher.close()
+    a.close()
+    b.close()
+    loop.destroy()
+
+
+def test_timer_and_signal_watchers_and_stop():
+    loop = Loop()
+    order = []
+    timer = loop.timer(0.01)
+    timer.start(lambda: (order.append("timer"), os.kill(os.getpid(), signal.SIGUSR1)))
+    sig = loop.signal(signal.SIGUSR1)
+    sig.start(lambda signum: (order.append(signum), loop.stop()), signal.SIGUSR1)
+    loop.run()
+    assert order == ["timer", signal.SIGUSR1]
+    for watcher in (timer, sig):
+        watcher.stop()
+        watcher.close()
+    loop.destroy()
+
+
+def test_exception_in_a_callback_reaches_on_error_and_the_loop_goes_on():
+    errors = []
+    loop = Loop(on_error=lambda context, err: errors.append(err))
+    first = loop.timer(0.0)
+    second = loop.timer(0.02)
+
+    def boom():
+        raise ValueError("one connection's bug")
+
+    first.start(boom)
+    second.start(loop.stop)
+    loop.run()
+    assert [str(e) for e in errors] == ["one connection's bug"]
+    assert not second.active
+    first.close()
+    second.close()
+    loop.destroy()
