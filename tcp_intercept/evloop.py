@@ -6,6 +6,10 @@ stop() and close(), as in C. gevent documents this interface as low-level and
 free to change between minor releases, so every use of it goes through here
 (and tests/test_evloop.py checks it on its own).
 
+A one-shot timer that is started again after it fired goes off at once in
+this binding (its expiry is not re-based): restartable timers repeat, and are
+stopped when not wanted.
+
 A watcher must be close()d when its owner is done with it: gevent allocates
 the native ev_io outside Python's heap, and only close() frees it.
 """

@@ -58,7 +58,8 @@ class Listener:
         self.host = addr.host
         self.wildcard = addr.is_wildcard
         self.watcher = ctx.loop.io(sock.fileno(), READ)
-        self.timer = ctx.loop.timer(BACKOFF)
+        # Repeating: gevent's binding fires a restarted one-shot timer at once.
+        self.timer = ctx.loop.timer(BACKOFF, BACKOFF)
         self.backing_off = False
 
     def start(self) -> None:
@@ -85,6 +86,7 @@ class Listener:
                 return
             if self.backing_off:
                 self.backing_off = False
+                self.timer.stop()
                 log.info("Accepting connections again ({} open)", len(self.ctx.table))
             client = socket.socket(family, socket.SOCK_STREAM, proto, fd)
             try:
@@ -123,7 +125,9 @@ class Listener:
             log.error("accept(): {}; not accepting new connections for {} s "
                       "({} open)", err.strerror, BACKOFF, len(self.ctx.table))
         self.watcher.stop()
-        self.timer.start(self._resume)
+        if not self.timer.active:
+            self.timer.start(self._resume)
 
     def _resume(self) -> None:
+        """Try again; _on_readable stops the timer once accept() works."""
         self.watcher.start(self._on_readable)

@@ -101,7 +101,7 @@ def _raise_descriptor_limit() -> None:
     if hard != resource.RLIM_INFINITY and hard < FEW_DESCRIPTORS:
         log.warning("The open-file limit is {} (hard): at most about {} "
                     "connections at once; raise it (ulimit -Hn, LimitNOFILE=)",
-                    hard, hard // 2 - 10)
+                    hard, (hard - 8) // 2)
 
 
 class Daemon:

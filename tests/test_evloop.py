@@ -63,3 +63,27 @@ def test_exception_in_a_callback_reaches_on_error_and_the_loop_goes_on():
     first.close()
     second.close()
     loop.destroy()
+
+
+def test_a_repeating_timer_stopped_and_started_again_waits_its_interval():
+    loop = Loop()
+    times = []
+    timer = loop.timer(0.05, 0.05)
+    restart = loop.timer(0.03, 0.03)
+
+    def fired():
+        times.append(loop.now())
+        timer.stop()
+        if len(times) == 1:
+            restart.start(lambda: (restart.stop(), timer.start(fired)))
+        else:
+            loop.stop()
+
+    start = loop.now()
+    timer.start(fired)
+    loop.run()
+    assert times[0] - start >= 0.045
+    assert times[1] - times[0] >= 0.075  # 0.03 until the restart, then 0.05
+    for watcher in (timer, restart):
+        watcher.close()
+    loop.destroy()
