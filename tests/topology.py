@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parent.parent
 TPROXY_SH = REPO / "contrib" / "tproxy.sh"
@@ -124,7 +125,7 @@ class Topology:
         self._pids: list[int] = []
         self._made: list[str] = []
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Self:
         try:
             self.up()
         except BaseException:
@@ -194,7 +195,8 @@ class Topology:
         for ip, tables, anywhere in (("-4", "iptables", "0.0.0.0/0"), ("-6", "ip6tables", "::/0")):
             mangle = [tables, "-w", "-t", "mangle"]
             self.run(self.rtr, "ip", ip, "rule", "add", "fwmark", "0x1/0x1", "table", "5")
-            self.run(self.rtr, "ip", ip, "route", "add", "local", anywhere, "dev", "lo", "table", "5")
+            self.run(self.rtr, "ip", ip, "route", "add", "local", anywhere, "dev", "lo",
+                     "table", "5")
             self.run(self.rtr, *mangle, "-N", "tproxy")
             for rule in (["-m", "socket", "-j", "MARK", "--set-mark", "0x1/0x1"],
                          ["-m", "socket", "-j", "RETURN"],
@@ -214,13 +216,14 @@ class Topology:
         # a daemonized child): stop it by pid before the namespace goes.
         for ns in self._made:
             with contextlib.suppress(Exception):
-                out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                     text=True, timeout=10).stdout
+                out = subprocess.run(["ip", "netns", "pids", ns], check=False,
+                                     capture_output=True, text=True, timeout=10).stdout
                 for pid in map(int, out.split()):
                     terminate(pid)
         for ns in reversed(self._made):
             with contextlib.suppress(Exception):
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+                subprocess.run(["ip", "netns", "del", ns], check=False,
+                               capture_output=True, timeout=10)
         self._procs.clear()
         self._pids.clear()
         self._made.clear()
@@ -233,7 +236,8 @@ class Topology:
         if "stdout" not in kw and "stderr" not in kw:
             kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        result = subprocess.run(["ip", "netns", "exec", ns, *cmd], timeout=timeout, **kw)
+        result = subprocess.run(["ip", "netns", "exec", ns, *cmd], check=False,
+                                timeout=timeout, **kw)
         if check and result.returncode != 0:
             raise TopologyError(f"{' '.join(cmd)} in {ns} exited {result.returncode}:\n"
                                 f"{result.stdout or ''}{result.stderr or ''}")
@@ -272,7 +276,7 @@ class Topology:
 
 
 def _check(cmd: list[str]) -> None:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise TopologyError(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()}")
 
@@ -310,12 +314,13 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.launcher_status: int | None = None
+        self.stopped = False
 
     @property
     def command(self) -> list[str]:
         return [sys.executable, "-m", "tcp_intercept", *self.args]
 
-    def start(self, timeout: float = 20) -> "Daemon":
+    def start(self, timeout: float = 20) -> Daemon:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.out_path, "ab") as out:
             if self.foreground:
@@ -371,6 +376,7 @@ class Daemon:
 
     def stop(self, timeout: float = 10) -> int | None:
         """TERM then KILL; the exit status when it was started in the foreground."""
+        self.stopped = True
         if self.pid is None:
             return None
         return terminate(self.proc or self.pid, timeout)

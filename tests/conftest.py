@@ -1,0 +1,92 @@
+"""Fixtures that build the world: namespaces, the far-end servers, daemons.
+
+A topology costs a tenth of a second, a daemon about as much, so each test
+module gets its own (module scope) and tests that change the daemon's life
+(signals, detaching) start daemons of their own (function scope). Every
+daemon started here is stopped in a finalizer, TERM then KILL, and the
+output of each daemon still running when a test fails is attached to the
+report.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .peers import PeerServer
+from .topology import Daemon, Topology
+
+# Daemons started through the fixtures and not yet stopped, for the report.
+_RUNNING: list[Daemon] = []
+REPORT_LINES = 200
+
+
+def _need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the integration tests build network namespaces and run the "
+                    "daemon with IP_TRANSPARENT: run them as root", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """Client, router (TPROXY to port 5000) and server namespaces."""
+    _need_root()
+    with Topology() as world:
+        yield world
+
+
+@pytest.fixture(scope="module")
+def peers(topo):
+    """Echo, digest, first and reset servers in the server namespace."""
+    with PeerServer(topo) as server:
+        yield server
+
+
+def _starter(topo: Topology, workdir):
+    """start(*args, **kw) -> a started Daemon; and the list of those started."""
+    started: list[Daemon] = []
+
+    def start(*args: str, name: str | None = None, **kw) -> Daemon:
+        daemon = Daemon(topo, *args, workdir=workdir, name=name or f"daemon{len(started)}", **kw)
+        started.append(daemon)
+        _RUNNING.append(daemon)
+        return daemon.start()
+
+    return start, started
+
+
+def _stop_all(started: list[Daemon]) -> None:
+    for daemon in started:
+        try:
+            daemon.stop()
+        finally:
+            if daemon in _RUNNING:
+                _RUNNING.remove(daemon)
+
+
+@pytest.fixture
+def start_daemon(topo, tmp_path):
+    """A factory: start_daemon('-B', 'client', log_file=True) starts one in the router."""
+    start, started = _starter(topo, tmp_path)
+    yield start
+    _stop_all(started)
+
+
+@pytest.fixture(scope="module")
+def start_module_daemon(topo, tmp_path_factory):
+    """The same factory for daemons that serve a whole module."""
+    start, started = _starter(topo, tmp_path_factory.mktemp("daemon"))
+    yield start
+    _stop_all(started)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for daemon in (d for d in _RUNNING if not d.stopped):
+            tail = "\n".join(daemon.output().splitlines()[-REPORT_LINES:])
+            report.sections.append((f"tcp-intercept {daemon.out_path.stem} (pid {daemon.pid}), "
+                                    f"last {REPORT_LINES} lines", tail))
