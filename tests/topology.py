@@ -314,6 +314,8 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.launcher_status: int | None = None
+        # Detached: whether the daemon listened the moment its launcher exited.
+        self.listening_at_launch: bool | None = None
         self.stopped = False
 
     @property
@@ -338,6 +340,7 @@ class Daemon:
                     return self
                 self.pid = int(self.pid_path.read_text().strip())
                 self.topo.adopt(self.pid)
+                self.listening_at_launch = self._listening()
         wait_for(self._ready, timeout, f"the daemon to listen on port {self.port}\n{self.output()}")
         return self
 
