@@ -47,6 +47,7 @@ class Context:
     server_options: list = field(default_factory=list)
     server_proto: int = socket.IPPROTO_TCP
     spoof_client: bool = False
+    listen_port: int = 0
     bind_address: tuple | None = None
     bind_family: int = socket.AF_INET
     bind_no_port: bool = False
@@ -88,6 +89,9 @@ class Connection:
             # The client may reuse its port while our previous socket on it
             # sits in TIME_WAIT; the original failed those connections.
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.peer[1] == ctx.listen_port:
+                # Our listener holds this port too (see open_listener).
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             server.bind(self.peer)
         elif ctx.bind_address is not None and server.family == ctx.bind_family:
             if ctx.bind_no_port:

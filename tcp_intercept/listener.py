@@ -28,12 +28,26 @@ PER_CONNECTION = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                   errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
 
 
-def open_listener(addr: Address, options: list, mptcp: bool = False) -> socket.socket:
-    """Bound, listening, transparent; raises OSError (CapabilityError)."""
-    sock = socket.socket(addr.family, socket.SOCK_STREAM,
-                         IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP)
+def open_listener(addr: Address, options: list, mptcp: bool = False,
+                  share_port: bool = False) -> socket.socket:
+    """Bound, listening, transparent; raises OSError (CapabilityError).
+
+    share_port (for -B client): a client whose source port is our listening
+    port can only be spoofed if our outgoing socket may bind that port too,
+    which the kernel allows when both sockets set SO_REUSEPORT. So that a
+    second daemon still cannot take the port, a plain socket first checks
+    that nobody holds it.
+    """
+    proto = IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
+    if share_port:
+        with socket.socket(addr.family, socket.SOCK_STREAM, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr.sockaddr)
+    sock = socket.socket(addr.family, socket.SOCK_STREAM, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         set_transparent(sock)
         # Accepted sockets inherit these: set once here, not per connection.
         for level, option, value in options:

@@ -77,7 +77,8 @@ def run(config: Config) -> int:
 def _listen(config: Config) -> socket.socket:
     options = sockopts.tcp_options(config, config.client_congestion)
     try:
-        sock = open_listener(config.listen, options, mptcp=config.mptcp_listen)
+        sock = open_listener(config.listen, options, mptcp=config.mptcp_listen,
+                             share_port=config.spoof_client)
     except sockopts.CapabilityError as err:
         raise StartupError(str(err)) from None
     except OSError as err:
@@ -161,7 +162,8 @@ def _outgoing(config: Config) -> dict:
     """How Connection makes its socket to the original destination."""
     out = {"server_options": sockopts.tcp_options(config, config.congestion),
            "server_proto": sockopts.IPPROTO_MPTCP if config.mptcp else socket.IPPROTO_TCP,
-           "spoof_client": config.spoof_client}
+           "spoof_client": config.spoof_client,
+           "listen_port": config.listen.port}
     addr = config.outgoing
     if addr is not None and not (addr.is_wildcard and addr.port == 0):
         out.update(bind_address=addr.sockaddr, bind_family=addr.family,
