@@ -3,6 +3,9 @@
 A relay needs a pipe only while bytes are in flight between its two sockets,
 so an idle connection holds none. A pipe comes back to the pool empty; one
 that still holds bytes (its connection died mid-transfer) is closed instead.
+The pool keeps at most `max_free` pipes, and trim(), called periodically,
+closes those that no relay needed since the last call: after a burst the
+daemon's descriptors go back to what its connections hold.
 """
 
 from __future__ import annotations
@@ -15,19 +18,22 @@ PIPE_SIZE = 1 << 20
 
 
 class PipePool:
-    __slots__ = ("_free", "max_free", "size", "in_use")
+    __slots__ = ("_free", "max_free", "size", "in_use", "_low")
 
-    def __init__(self, max_free: int = 64, size: int = PIPE_SIZE):
+    def __init__(self, max_free: int = 32, size: int = PIPE_SIZE):
         self._free: list[tuple[int, int]] = []
         self.max_free = max_free
         self.size = size
         self.in_use = 0
+        self._low = 0  # fewest free pipes since the last trim()
 
     def take(self) -> tuple[int, int]:
         """(read end, write end) of an empty non-blocking pipe; OSError if none."""
         if self._free:
             pipe = self._free.pop()
+            self._low = min(self._low, len(self._free))
         else:
+            self._low = 0
             pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 # Unprivileged or over fs.pipe-user-pages-soft: the kernel
@@ -45,6 +51,14 @@ class PipePool:
         else:
             os.close(pipe[0])
             os.close(pipe[1])
+
+    def trim(self) -> None:
+        """Close the pipes that stayed unused since the last trim()."""
+        for _ in range(self._low):
+            r, w = self._free.pop(0)  # the oldest: the others were used since
+            os.close(r)
+            os.close(w)
+        self._low = len(self._free)
 
     def close(self) -> None:
         while self._free:

@@ -72,7 +72,10 @@ class Relay:
             return self._end()
         self._send(n)
         if n == COPY_SIZE and self.can_splice and self.pending is None:
-            self.pipe = self.pool.take()
+            try:
+                self.pipe = self.pool.take()
+            except OSError:
+                pass  # out of descriptors: copying still works
         return False
 
     def on_writable(self) -> None:

@@ -28,6 +28,7 @@ from .table import ConnectionTable
 
 # Two descriptors per connection, a few for pipes and the daemon itself.
 FEW_DESCRIPTORS = 4096
+PIPE_TRIM_INTERVAL = 5.0  # seconds; idle pipes go after one to two of these
 
 
 def run(config: Config) -> int:
@@ -117,6 +118,7 @@ class Daemon:
                            log_connections=not config.quiet,
                            **_outgoing(config))
         self.listener = Listener(listener_sock, config.listen, self.ctx)
+        self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE is handled per send
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
@@ -128,6 +130,7 @@ class Daemon:
 
     def run(self) -> None:
         self.listener.start()
+        self.trim.start(self.pool.trim)
         self.loop.run()
         self._close()
 
@@ -151,7 +154,7 @@ class Daemon:
         self.listener.close()
         for connection in self.table.connections():
             connection.close()
-        for watcher in self.signals:
+        for watcher in (*self.signals, self.trim):
             watcher.stop()
             watcher.close()
         self.pool.close()
