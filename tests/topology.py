@@ -90,6 +90,23 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether one of process pid's own descriptors is a socket listening on port."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return True
+    return False
+
+
 def terminate(proc_or_pid, timeout: float = 5.0) -> int | None:
     """TERM, wait up to timeout, then KILL; the exit status if it was our child."""
     proc = proc_or_pid if isinstance(proc_or_pid, subprocess.Popen) else None
@@ -243,6 +260,17 @@ class Topology:
                                 f"{result.stdout or ''}{result.stderr or ''}")
         return result
 
+    def serve(self, ns: str, port: int, *cmd: str, timeout: float = 10,
+              **kw) -> subprocess.Popen:
+        """popen() a server and wait until it listens on port."""
+        proc = self.popen(ns, *cmd, **kw)
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise TopologyError(f"{cmd[0]} exited {proc.returncode} before listening")
+            return listens(proc.pid, port)
+        wait_for(up, timeout, f"{cmd[0]} to listen on port {port} in {ns}")
+        return proc
+
     def popen(self, ns: str, *cmd: str, **kw) -> subprocess.Popen:
         """cmd inside ns, in the background; stopped by pid in down().
 
@@ -340,25 +368,14 @@ class Daemon:
                     return self
                 self.pid = int(self.pid_path.read_text().strip())
                 self.topo.adopt(self.pid)
-                self.listening_at_launch = self._listening()
+                self.listening_at_launch = listens(self.pid, self.port)
         wait_for(self._ready, timeout, f"the daemon to listen on port {self.port}\n{self.output()}")
         return self
 
     def _ready(self) -> bool:
         if not self.alive():
             raise TopologyError(f"the daemon exited before it was ready:\n{self.output()}")
-        return self.READY in self.output() and self._listening()
-
-    def _listening(self) -> bool:
-        """One of our own descriptors is a socket listening on our port."""
-        inodes = set()
-        for table in ("tcp", "tcp6"):
-            with contextlib.suppress(OSError):
-                for row in Path(f"/proc/{self.pid}/net/{table}").read_text().splitlines()[1:]:
-                    fields = row.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == self.port:
-                        inodes.add(f"socket:[{fields[9]}]")
-        return bool(inodes & set(self.fds()))
+        return self.READY in self.output() and listens(self.pid, self.port)
 
     def alive(self) -> bool:
         if self.proc is not None:
