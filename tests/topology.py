@@ -351,11 +351,12 @@ class Daemon:
         return [sys.executable, "-m", "tcp_intercept", *self.args]
 
     def start(self, timeout: float = 20) -> Daemon:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # cwd too: `python -m` imports from the working directory first.
+        env, cwd = {**os.environ, "PYTHONPATH": str(REPO)}, str(REPO)
         with open(self.out_path, "ab") as out:
             if self.foreground:
                 self.proc = self.topo.popen(self.topo.rtr, *self.command, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=subprocess.STDOUT, env=env)
+                                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
                 self.pid = self.proc.pid
             else:
                 # Output to a file, not a pipe: a daemon that kept the pipe
@@ -363,7 +364,7 @@ class Daemon:
                 self.launcher_status = self.topo.run(
                     self.topo.rtr, *self.command, check=False, timeout=timeout + 5,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    env=env).returncode
+                    env=env, cwd=cwd).returncode
                 if self.launcher_status != 0:
                     return self
                 self.pid = int(self.pid_path.read_text().strip())
