@@ -74,6 +74,8 @@ class Connection:
         except OSError as err:
             log.warning("{}: connect to server failed: {}", self.id, err.strerror or err)
             self.abort()
+        except Exception as err:
+            self._fail(None, err)
 
     @property
     def id(self) -> str:
