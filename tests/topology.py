@@ -37,6 +37,7 @@ from typing import Self
 REPO = Path(__file__).resolve().parent.parent
 TPROXY_SH = REPO / "contrib" / "tproxy.sh"
 CLONE_NEWNET = 0x40000000
+SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438  # the same number on every architecture
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -79,6 +80,14 @@ def inside(ns: str):
     finally:
         os.close(target)
         os.close(home)
+
+
+def _syscall(number: int, *args: int) -> int:
+    result = _libc.syscall(number, *args)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
 
 
 def pid_alive(pid: int) -> bool:
@@ -390,6 +399,21 @@ class Daemon:
         for fd in os.listdir(base):
             with contextlib.suppress(OSError):
                 found.append(os.readlink(f"{base}/{fd}"))
+        return found
+
+    def borrow_sockets(self) -> list[socket.socket]:
+        """Duplicates of the daemon's sockets (pidfd_getfd), to inspect with
+        getsockopt(); closing them leaves the daemon's own open."""
+        pidfd = _syscall(SYS_PIDFD_OPEN, self.pid, 0)
+        found = []
+        try:
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("socket:"):
+                        found.append(socket.socket(fileno=_syscall(SYS_PIDFD_GETFD,
+                                                                   pidfd, int(fd), 0)))
+        finally:
+            os.close(pidfd)
         return found
 
     def signal(self, sig: int) -> None:
