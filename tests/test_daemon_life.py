@@ -76,3 +76,27 @@ def test_sighup_reopens_the_log_file(topo, peers, start_daemon):
     assert old.rstrip().endswith("Received SIGHUP, closing this logfile")
     assert "Received SIGHUP, (re)opening this logfile" in new
     assert after in new and before not in new
+
+
+def test_quiet_logs_start_up_but_no_connections(topo, peers, start_daemon):
+    daemon = start_daemon("-q")
+    relay_once(topo, peers, seed=30)
+    assert daemon.lines("starting up") and daemon.lines("Listening on [0.0.0.0]:5000")
+    assert not daemon.lines("Connection intercepted") and not daemon.lines("closed")
+
+
+def test_pid_file_held_by_a_running_daemon_fails_with_71(topo, start_daemon):
+    first = start_daemon(foreground=False, pid_file=True, log_file=True, name="holder")
+    assert first.launcher_status == 0, first.output()
+    # Another port, so only the pid file is in the way.
+    second = start_daemon("-p", str(first.pid_path), foreground=False, name="second",
+                          listen="[0.0.0.0]:[5001]")
+    assert second.launcher_status == 71, second.output()
+    assert f"held by running process {first.pid}" in second.output()
+    assert first.pid_path.read_text().strip() == str(first.pid)
+
+
+def test_unwritable_log_file_fails_with_71_and_says_why(topo, start_daemon, tmp_path):
+    daemon = start_daemon("-l", str(tmp_path / "no-such-dir" / "x.log"), foreground=False)
+    assert daemon.launcher_status == 71
+    assert "x.log" in daemon.output() and "No such file or directory" in daemon.output()

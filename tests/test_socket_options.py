@@ -118,3 +118,17 @@ def test_mptcp_with_user_timeout_refuses_at_start_or_relays(topo, peers, start_d
         assert "--user-timeout" in daemon.output()
     else:
         assert relays(topo, seed=3), daemon.output()
+
+
+@pytest.mark.parametrize("port", [0, 40123])
+def test_bind_outgoing_address_is_what_the_server_sees(topo, peers, start_daemon, port):
+    topo.run(topo.rtr, "ip", "addr", "replace", "10.91.2.3/24", "dev", "rs")
+    daemon = start_daemon("-B", f"[10.91.2.3]:[{port}]")
+    data = payload(10_000, seed=10 + port)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        assert exchange(sock, data) == (len(data), sha256(data), "eof")
+    [record] = peers.wait_records(sha256=sha256(data))
+    assert record.peer[0] == "10.91.2.3"
+    if port:
+        assert record.peer[1] == port
+    daemon.wait_log("closed")
