@@ -41,6 +41,13 @@ class World:
     def data(self, size: int, seed: int) -> bytes:
         return payload(size, seed=self.run * 1_000_000 + seed)
 
+    def client_socket(self) -> socket.socket:
+        """An unconnected socket in the client namespace, SO_REUSEADDR, 10 s timeout."""
+        sock = self.topo.socket(self.topo.cli, socket.AF_INET6 if self.v6 else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.settimeout(10)
+        return sock
+
     def connect(self, port: int) -> socket.socket:
         return self.topo.connect(self.topo.cli, self.server, port)
 
@@ -150,9 +157,7 @@ def test_server_reset_reaches_the_client_as_a_reset(world):
 
 
 def test_refused_upstream_resets_the_client_at_once(world):
-    sock = world.topo.socket(world.topo.cli, socket.AF_INET6 if world.v6 else socket.AF_INET)
-    with sock:
-        sock.settimeout(10)
+    with world.client_socket() as sock:
         sock.bind((world.client, 0))  # to know our port even if connect() fails
         conn_id = f"[{world.client}]:{sock.getsockname()[1]}-->[{world.server}]:{REFUSED}"
         started = time.monotonic()
@@ -176,6 +181,32 @@ def test_connection_to_the_router_itself_is_dropped(world):
             pass  # dropped with a reset: as good as a FIN
     world.daemon.wait_log("Connection directly to us, dropping", count=before + 1)
     assert world.peers.accepted == accepted, "the daemon connected somewhere anyway"
+
+
+def test_client_reusing_its_port_at_once_is_relayed(world):
+    """The original refused this with -B client: its outgoing socket binds the
+    client's address and port without SO_REUSEADDR, and the router still
+    holds that port in TIME_WAIT from the previous connection."""
+    first_data, second_data = world.data(1000, seed=7), world.data(1000, seed=8)
+    first = world.client_socket()
+    first.bind((world.client, 0))
+    first.connect((world.server, DIGEST))
+    port = first.getsockname()[1]
+    with first:
+        first.sendall(first_data)
+        first.shutdown(socket.SHUT_WR)  # so our side closes first, on both legs
+        assert read_to_eof(first)[0] == 65
+    world.daemon.wait_log(f"[{world.client}]:{port}-->[{world.server}]:{DIGEST}: closed")
+    if world.spoof:
+        waiting = world.topo.run(world.topo.rtr, "ss", "-Htan", "state", "time-wait").stdout
+        assert f":{port} " in waiting, f"no TIME_WAIT on the router to test against:\n{waiting}"
+    second = world.client_socket()
+    second.bind((world.client, port))
+    second.connect((world.server, ECHO))
+    with second:
+        assert exchange(second, second_data) == (len(second_data), sha256(second_data), "eof")
+        [record] = world.peers.wait_records(sha256=sha256(second_data))
+        world.assert_server_saw(record, second)
 
 
 def test_300_concurrent_connections_each_keep_their_own_bytes(world):
