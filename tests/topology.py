@@ -23,112 +23,20 @@ bounded poll. No pytest in here: the demo and the bench import it too.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import secrets
-import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Self
 
-REPO = Path(__file__).resolve().parent.parent
+from .intercept import REPO, Daemon
+from .netns import TopologyError, inside, listens, pid_alive, terminate, wait_for
+
+# Daemon and the primitives are part of what importers of this module use.
+__all__ = ["REPO", "TPROXY_SH", "Daemon", "Topology", "TopologyError", "inside", "pid_alive",
+           "wait_for"]
+
 TPROXY_SH = REPO / "contrib" / "tproxy.sh"
-CLONE_NEWNET = 0x40000000
-SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438  # the same number on every architecture
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class TopologyError(RuntimeError):
-    """The world could not be built, or something in it did not happen in time."""
-
-
-def wait_for(check, timeout: float, what: str, interval: float = 0.01):
-    """Poll check() until it returns something true; TopologyError after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TopologyError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-        interval = min(interval * 1.5, 0.2)
-
-
-@contextlib.contextmanager
-def inside(ns: str):
-    """Run this thread (only) in network namespace ns for the duration.
-
-    A socket created here stays in ns for life, so tests can drive clients
-    and servers from their own process, with every socket call at hand.
-    """
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    target = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home, CLONE_NEWNET) != 0:
-                # A thread stuck in a test namespace would poison everything after it.
-                os.abort()
-    finally:
-        os.close(target)
-        os.close(home)
-
-
-def _syscall(number: int, *args: int) -> int:
-    result = _libc.syscall(number, *args)
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
-
-
-def pid_alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie waiting for a reaper."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def listens(pid: int, port: int) -> bool:
-    """Whether one of process pid's own descriptors is a socket listening on port."""
-    inodes = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = row.split()
-                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(f"socket:[{fields[9]}]")
-    with contextlib.suppress(OSError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
-                    return True
-    return False
-
-
-def terminate(proc_or_pid, timeout: float = 5.0) -> int | None:
-    """TERM, wait up to timeout, then KILL; the exit status if it was our child."""
-    proc = proc_or_pid if isinstance(proc_or_pid, subprocess.Popen) else None
-    pid = proc.pid if proc else proc_or_pid
-    gone = (lambda: proc.poll() is not None) if proc else (lambda: not pid_alive(pid))
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        if gone():
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        with contextlib.suppress(TopologyError):
-            wait_for(gone, wait, f"pid {pid} to exit")
-    return proc.wait(timeout=1) if proc and gone() else None
 
 
 class Topology:
@@ -316,128 +224,3 @@ def _check(cmd: list[str]) -> None:
     result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         raise TopologyError(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()}")
-
-
-class Daemon:
-    """tcp-intercept in the router namespace, started the way an operator does.
-
-    Foreground (-f) by default, its stderr and stdout in ``<name>.out`` under
-    workdir. With foreground=False it detaches: start() keeps the launcher's
-    exit status (``launcher_status``) and takes the daemon's pid from the pid
-    file. start() returns once the daemon's own listening socket exists and
-    it has logged that its event loop runs.
-    """
-
-    READY = "Setup done, starting event loop"
-
-    def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
-                 listen: str | None = None, log_file: bool = False,
-                 foreground: bool = True, pid_file: bool = False):
-        self.topo = topo
-        self.workdir = Path(workdir)
-        self.listen = listen or f"[0.0.0.0]:[{topo.port}]"
-        self.port = int(self.listen.rsplit(":", 1)[1].strip("[]"))
-        self.out_path = self.workdir / f"{name}.out"
-        self.log_path = self.workdir / f"{name}.log" if log_file else None
-        self.pid_path = self.workdir / f"{name}.pid" if pid_file else None
-        self.foreground = foreground
-        self.args = ["-b", self.listen, *args]
-        if self.log_path:
-            self.args += ["-l", str(self.log_path)]
-        if self.pid_path:
-            self.args += ["-p", str(self.pid_path)]
-        if foreground:
-            self.args.append("-f")
-        self.proc: subprocess.Popen | None = None
-        self.pid: int | None = None
-        self.launcher_status: int | None = None
-        # Detached: whether the daemon listened the moment its launcher exited.
-        self.listening_at_launch: bool | None = None
-        self.stopped = False
-
-    @property
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "tcp_intercept", *self.args]
-
-    def start(self, timeout: float = 20) -> Daemon:
-        # cwd too: `python -m` imports from the working directory first.
-        env, cwd = {**os.environ, "PYTHONPATH": str(REPO)}, str(REPO)
-        with open(self.out_path, "ab") as out:
-            if self.foreground:
-                self.proc = self.topo.popen(self.topo.rtr, *self.command, stdin=subprocess.DEVNULL,
-                                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-                self.pid = self.proc.pid
-            else:
-                # Output to a file, not a pipe: a daemon that kept the pipe
-                # open would make us wait for its death, not its launcher's.
-                self.launcher_status = self.topo.run(
-                    self.topo.rtr, *self.command, check=False, timeout=timeout + 5,
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    env=env, cwd=cwd).returncode
-                if self.launcher_status != 0:
-                    return self
-                self.pid = int(self.pid_path.read_text().strip())
-                self.topo.adopt(self.pid)
-                self.listening_at_launch = listens(self.pid, self.port)
-        wait_for(self._ready, timeout, f"the daemon to listen on port {self.port}\n{self.output()}")
-        return self
-
-    def _ready(self) -> bool:
-        if not self.alive():
-            raise TopologyError(f"the daemon exited before it was ready:\n{self.output()}")
-        return self.READY in self.output() and listens(self.pid, self.port)
-
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is None
-        return self.pid is not None and pid_alive(self.pid)
-
-    def fds(self) -> list[str]:
-        """Where each open descriptor points (``socket:[...]``, ``pipe:[...]``, paths)."""
-        base = f"/proc/{self.pid}/fd"
-        found = []
-        for fd in os.listdir(base):
-            with contextlib.suppress(OSError):
-                found.append(os.readlink(f"{base}/{fd}"))
-        return found
-
-    def borrow_sockets(self) -> list[socket.socket]:
-        """Duplicates of the daemon's sockets (pidfd_getfd), to inspect with
-        getsockopt(); closing them leaves the daemon's own open."""
-        pidfd = _syscall(SYS_PIDFD_OPEN, self.pid, 0)
-        found = []
-        try:
-            for fd in os.listdir(f"/proc/{self.pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("socket:"):
-                        found.append(socket.socket(fileno=_syscall(SYS_PIDFD_GETFD,
-                                                                   pidfd, int(fd), 0)))
-        finally:
-            os.close(pidfd)
-        return found
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def stop(self, timeout: float = 10) -> int | None:
-        """TERM then KILL; the exit status when it was started in the foreground."""
-        self.stopped = True
-        if self.pid is None:
-            return None
-        return terminate(self.proc or self.pid, timeout)
-
-    def output(self) -> str:
-        """Everything it wrote: the -f output, then the log file if any."""
-        text = ""
-        for path in (self.out_path, self.log_path):
-            with contextlib.suppress(OSError):
-                text += path.read_text(errors="replace") if path else ""
-        return text
-
-    def lines(self, text: str) -> list[str]:
-        return [line for line in self.output().splitlines() if text in line]
-
-    def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> list[str]:
-        """The log lines containing text, once there are at least count of them."""
-        return wait_for(lambda: len(self.lines(text)) >= count and self.lines(text),
-                        timeout, f"{count} log line(s) with {text!r}\n{self.output()}")

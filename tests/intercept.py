@@ -1,0 +1,132 @@
+"""tcp-intercept itself, run in the router namespace of a Topology."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .netns import TopologyError, borrow_sockets, listens, pid_alive, terminate, wait_for
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Daemon:
+    """tcp-intercept in the router namespace, started the way an operator does.
+
+    Foreground (-f) by default, its stderr and stdout in ``<name>.out`` under
+    workdir. With foreground=False it detaches: start() keeps the launcher's
+    exit status (``launcher_status``) and takes the daemon's pid from the pid
+    file. start() returns once the daemon's own listening socket exists and
+    it has logged that its event loop runs.
+    """
+
+    READY = "Setup done, starting event loop"
+
+    def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
+                 listen: str | None = None, log_file: bool = False,
+                 foreground: bool = True, pid_file: bool = False):
+        self.topo = topo
+        self.workdir = Path(workdir)
+        self.listen = listen or f"[0.0.0.0]:[{topo.port}]"
+        self.port = int(self.listen.rsplit(":", 1)[1].strip("[]"))
+        self.out_path = self.workdir / f"{name}.out"
+        self.log_path = self.workdir / f"{name}.log" if log_file else None
+        self.pid_path = self.workdir / f"{name}.pid" if pid_file else None
+        self.foreground = foreground
+        self.args = ["-b", self.listen, *args]
+        if self.log_path:
+            self.args += ["-l", str(self.log_path)]
+        if self.pid_path:
+            self.args += ["-p", str(self.pid_path)]
+        if foreground:
+            self.args.append("-f")
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.launcher_status: int | None = None
+        # Detached: whether the daemon listened the moment its launcher exited.
+        self.listening_at_launch: bool | None = None
+        self.stopped = False
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "tcp_intercept", *self.args]
+
+    def start(self, timeout: float = 20) -> Daemon:
+        # cwd too: `python -m` imports from the working directory first.
+        env, cwd = {**os.environ, "PYTHONPATH": str(REPO)}, str(REPO)
+        with open(self.out_path, "ab") as out:
+            if self.foreground:
+                self.proc = self.topo.popen(self.topo.rtr, *self.command, stdin=subprocess.DEVNULL,
+                                            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+                self.pid = self.proc.pid
+            else:
+                # Output to a file, not a pipe: a daemon that kept the pipe
+                # open would make us wait for its death, not its launcher's.
+                self.launcher_status = self.topo.run(
+                    self.topo.rtr, *self.command, check=False, timeout=timeout + 5,
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    env=env, cwd=cwd).returncode
+                if self.launcher_status != 0:
+                    return self
+                self.pid = int(self.pid_path.read_text().strip())
+                self.topo.adopt(self.pid)
+                self.listening_at_launch = listens(self.pid, self.port)
+        wait_for(self._ready, timeout, f"the daemon to listen on port {self.port}\n{self.output()}")
+        return self
+
+    def _ready(self) -> bool:
+        if not self.alive():
+            raise TopologyError(f"the daemon exited before it was ready:\n{self.output()}")
+        return self.READY in self.output() and listens(self.pid, self.port)
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and pid_alive(self.pid)
+
+    def fds(self) -> list[str]:
+        """Where each open descriptor points (``socket:[...]``, ``pipe:[...]``, paths)."""
+        base = f"/proc/{self.pid}/fd"
+        found = []
+        for fd in os.listdir(base):
+            with contextlib.suppress(OSError):
+                found.append(os.readlink(f"{base}/{fd}"))
+        return found
+
+    def borrow_sockets(self) -> list[socket.socket]:
+        """Duplicates of the daemon's sockets, to inspect with getsockopt()."""
+        return borrow_sockets(self.pid)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        """TERM then KILL; the exit status when it was started in the foreground."""
+        self.stopped = True
+        if self.pid is None:
+            return None
+        return terminate(self.proc or self.pid, timeout)
+
+    def output(self) -> str:
+        """Everything it wrote: the -f output, then the log file if any."""
+        text = ""
+        for path in (self.out_path, self.log_path):
+            with contextlib.suppress(OSError):
+                text += path.read_text(errors="replace") if path else ""
+        return text
+
+    def lines(self, text: str) -> list[str]:
+        return [line for line in self.output().splitlines() if text in line]
+
+    def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> list[str]:
+        """The log lines containing text, once there are at least count of them."""
+        return wait_for(lambda: len(self.lines(text)) >= count and self.lines(text),
+                        timeout, f"{count} log line(s) with {text!r}\n{self.output()}")
