@@ -20,6 +20,7 @@ The client helpers hash on the fly, so end-to-end checks compare digests.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import random
@@ -114,6 +115,7 @@ class PeerServer:
         self.ports = ports or PORTS
         self.records: list[Record] = []
         self.accepted = 0
+        self._live: set[socket.socket] = set()
         self._cond = threading.Condition()
         self._listeners: list[tuple[socket.socket, str]] = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -142,6 +144,10 @@ class PeerServer:
     def stop(self) -> None:
         self._wake_w.send(b"x")
         self._thread.join(timeout=5)
+        with self._cond:
+            for conn in self._live:  # wakes a thread blocked in recv(); close() would not
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
         for sock, _ in self._listeners:
             sock.close()
         self._wake_r.close()
@@ -159,6 +165,7 @@ class PeerServer:
                     conn, peer = key.fileobj.accept()
                     with self._cond:
                         self.accepted += 1
+                        self._live.add(conn)
                         self._cond.notify_all()
                     threading.Thread(target=self._serve, args=(conn, peer, key.data),
                                      daemon=True).start()
@@ -186,6 +193,7 @@ class PeerServer:
         finally:
             conn.close()
             with self._cond:
+                self._live.discard(conn)
                 self.records.append(Record(mode, local[:2], peer[:2], received, digest, end))
                 self._cond.notify_all()
 
