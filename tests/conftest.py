@@ -57,12 +57,18 @@ def _starter(topo: Topology, workdir):
 
 
 def _stop_all(started: list[Daemon]) -> None:
+    """TERM then KILL each; a foreground daemon that did not exit 0 is an error."""
+    bad = []
     for daemon in started:
         try:
-            daemon.stop()
+            status = daemon.stop()
+            if daemon.foreground and status not in (0, None):
+                bad.append(f"{daemon.out_path.stem} exited {status}:\n"
+                           + "\n".join(daemon.output().splitlines()[-REPORT_LINES:]))
         finally:
             if daemon in _RUNNING:
                 _RUNNING.remove(daemon)
+    assert not bad, "\n".join(bad)
 
 
 @pytest.fixture
