@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getopt
 import os
+import socket
 import sys
 
 from . import NAME, __version__, address, sockopts
@@ -164,9 +165,14 @@ def _check(flags: dict) -> None:
     pid_file = flags.get("pid_file")
     if pid_file is not None and not os.path.isabs(pid_file):
         raise UsageError(f"--pid-file: {pid_file!r} is not an absolute path")
-    if (flags.get("mptcp") or flags.get("mptcp_listen")) and not sockopts.mptcp_available():
+    mptcp = flags.get("mptcp") or flags.get("mptcp_listen")
+    if mptcp and not sockopts.mptcp_available():
         raise UsageError("Multipath TCP is not available: the kernel lacks it "
                          "or net.mptcp.enabled is 0")
+    if (mptcp and flags.get("user_timeout")
+            and sockopts.mptcp_refuses(socket.IPPROTO_TCP, sockopts.TCP_USER_TIMEOUT, 1000)):
+        raise UsageError("--user-timeout: this kernel's Multipath TCP sockets "
+                         "refuse TCP_USER_TIMEOUT; use one option or the other")
 
 
 def main(argv: list[str] | None = None) -> int:

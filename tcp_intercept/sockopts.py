@@ -53,6 +53,16 @@ def mptcp_available() -> bool:
     return True
 
 
+def mptcp_refuses(level: int, option: int, value: object) -> bool:
+    """Whether this kernel's MPTCP sockets refuse an option (TCP_USER_TIMEOUT, up to 6.x)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, IPPROTO_MPTCP) as sock:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            return True
+    return False
+
+
 def set_transparent(sock: socket.socket) -> None:
     """IP_TRANSPARENT (IPV6_TRANSPARENT); CapabilityError without CAP_NET_ADMIN."""
     try:
