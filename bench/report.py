@@ -63,7 +63,6 @@ METRICS = [
     Metric("machine_cpu_s_per_gb", "machine CPU-s per GB (iperf3)", "{:.3f}"),
     Metric("idle_kib_per_conn", "RSS KiB per idle connection", "{:.2f}",
            lambda p, d, s: p <= 3.5, "<= 3.5"),
-    Metric("idle_pss_kib_per_conn", "PSS KiB per idle connection", "{:.2f}"),
     Metric("idle_fds_per_conn", "fds per idle connection", "{:.2f}",
            lambda p, d, s: p <= 2.2, "<= 2.2"),
     Metric("idle_relaying", "idle connections still relaying", "{:.0f}",
