@@ -1,0 +1,81 @@
+# Sourced by /etc/init.d/tcp-intercept and by tcp-intercept.service (through
+# /usr/lib/tcp-intercept/systemd-helper): the settings of
+# /etc/default/tcp-intercept with their defaults, the daemon's command line,
+# and the interception rules they ask for. Written once, so that the init
+# script and the systemd unit cannot drift apart.
+
+DAEMON=/usr/sbin/tcp-interceptd
+PIDFILE=/run/tcp-intercept.pid
+TPROXY=/usr/lib/tcp-intercept/tproxy.sh
+
+BIND_LISTEN='[0.0.0.0]:[5000]'
+BIND_OUTGOING='[0.0.0.0]:[0]'
+LOGFILE=/var/log/tcp-intercept.log
+DAEMON_ARGS=
+DAEMON_OPTS=
+CONTROL_NETWORK=0
+CONTROL_IPTABLES=0
+IP_ROUTE_TABLE_NUMBER=5
+FWMARK=0x1/0x1
+LISTEN_PORT=
+TPROXY_BACKEND=
+TPROXY_FAMILY=
+
+if [ -r /etc/default/tcp-intercept ]; then
+    . /etc/default/tcp-intercept
+fi
+
+# Runs "$@" followed by the daemon's options: the command is start-stop-daemon
+# in the init script, exec of the daemon in the foreground under systemd.
+# DAEMON_ARGS and DAEMON_OPTS are both honoured (the original's postinst
+# wrote one and its init script read the other) and split into words on
+# purpose; globbing is off, or "[::1]:[80]" could match a file name.
+tcp_intercept_run() {
+    set -f
+    # shellcheck disable=SC2086
+    "$@" -p "$PIDFILE" -b "$BIND_LISTEN" -B "$BIND_OUTGOING" \
+        ${LOGFILE:+-l "$LOGFILE"} $DAEMON_ARGS $DAEMON_OPTS
+    set -- $?
+    set +f
+    return "$1"
+}
+
+# The TPROXY port: LISTEN_PORT, else the port of BIND_LISTEN, else 5000.
+tcp_intercept_listen_port() {
+    if [ -n "$LISTEN_PORT" ]; then
+        echo "$LISTEN_PORT"
+        return
+    fi
+    port=${BIND_LISTEN##*:}
+    port=${port#\[}
+    port=${port%\]}
+    case $port in
+        '' | *[!0-9]*)  # a service name, as the daemon resolves it
+            # shellcheck disable=SC2046
+            set -- $(getent services "$port/tcp" 2>/dev/null)
+            port=${2%/tcp}
+            ;;
+    esac
+    echo "${port:-5000}"
+}
+
+_tcp_intercept_yes() {
+    case $1 in
+        1 | [Yy][Ee][Ss] | [Tt][Rr][Uu][Ee]) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# Whether /etc/default asks us to install and remove the rules.
+tcp_intercept_controls_firewall() {
+    _tcp_intercept_yes "$CONTROL_NETWORK" || _tcp_intercept_yes "$CONTROL_IPTABLES"
+}
+
+# tproxy.sh up | down | status, with the settings' port, mark and table.
+tcp_intercept_firewall() {
+    # shellcheck disable=SC2086
+    "$TPROXY" ${TPROXY_BACKEND:+--backend "$TPROXY_BACKEND"} \
+        ${TPROXY_FAMILY:+--family "$TPROXY_FAMILY"} \
+        --port "$(tcp_intercept_listen_port)" --mark "$FWMARK" \
+        --table "$IP_ROUTE_TABLE_NUMBER" "$1"
+}
