@@ -193,19 +193,24 @@ parse_args() {
 
 # -- policy routing (both backends) ----------------------------------------
 
-# Our ip rules, as `ip rule show` prints them ("PREF:<tab>from all ...").
+# Our ip rules, as `ip rule show` prints them ("PREF:<tab>from all ..."),
+# and our routes. Callers take them with `x=$(our_rules 4) || exit 1`: a
+# failure to look must not pass for "nothing there".
 our_rules() {
-	ip -"$1" rule show | grep -E "[[:space:]]proto $RT_PROTO([[:space:]]|\$)" || true
+	local all
+	all=$(ip -"$1" rule show) || die "IPv$1: cannot list the ip rules"
+	printf '%s\n' "$all" | grep -E "[[:space:]]proto $RT_PROTO([[:space:]]|\$)" || true
 }
 
 our_routes() {
-	ip -"$1" route show table all proto "$RT_PROTO"
+	ip -"$1" route show table all proto "$RT_PROTO" || die "IPv$1: cannot list the routes"
 }
 
 routing_up() {
-	local fam=$1 fwmark="fwmark $MARK/$MASK"
+	local fam=$1 fwmark="fwmark $MARK/$MASK" rules
 	[ "$MASK" != 0xffffffff ] || fwmark="fwmark $MARK"
-	if [ "$(our_rules "$fam" | sed 's/^[0-9]*:[[:space:]]*//')" != \
+	rules=$(our_rules "$fam") || exit 1
+	if [ "$(printf '%s\n' "$rules" | sed 's/^[0-9]*:[[:space:]]*//')" != \
 		"from all $fwmark lookup $TABLE proto $RT_PROTO" ]; then
 		routing_rules_down "$fam"
 		ip -"$fam" rule add fwmark "$MARK/$MASK" lookup "$TABLE" protocol "$RT_PROTO"
@@ -219,18 +224,20 @@ routing_up() {
 }
 
 routing_rules_down() {
-	local pref
+	local pref rules
+	rules=$(our_rules "$1") || exit 1
 	# By preference number, and only those shown with our protocol: a
 	# kernel without rule protocols would take `del protocol N` alone as a
 	# wildcard.
-	for pref in $(our_rules "$1" | sed 's/:.*//'); do
+	for pref in $(printf '%s\n' "$rules" | sed -n 's/^\([0-9]*\):.*/\1/p'); do
 		ip -"$1" rule del pref "$pref" protocol "$RT_PROTO"
 	done
 }
 
 routing_routes_down() { # family [table to keep]
-	local table
-	for table in $(our_routes "$1" | sed -n 's/^local default dev lo table \([^ ]*\).*/\1/p'); do
+	local table routes
+	routes=$(our_routes "$1") || exit 1
+	for table in $(printf '%s\n' "$routes" | sed -n 's/^local default dev lo table \([^ ]*\).*/\1/p'); do
 		[ "$table" = "${2:-}" ] ||
 			ip -"$1" route del local default dev lo table "$table" protocol "$RT_PROTO"
 	done
@@ -241,14 +248,6 @@ routing_down() {
 	routing_routes_down "$1"
 }
 
-routing_show() {
-	our_rules "$1" | sed 's/^/  ip rule:  /'
-	our_routes "$1" | sed 's/^/  ip route: /'
-}
-
-routing_installed() {
-	[ -n "$(our_rules "$1")" ] && [ -n "$(our_routes "$1")" ]
-}
 
 # -- iptables backend ------------------------------------------------------
 
@@ -417,24 +416,28 @@ cmd_down() {
 }
 
 cmd_status() {
-	local fam backend installed=yes found
+	local fam backend installed=yes found rules routes
 	for fam in $FAMILIES; do
+		rules=$(our_rules "$fam") || exit 1
+		routes=$(our_routes "$fam") || exit 1
+		[ -n "$(backends "$fam")" ] || die "IPv$fam: neither nft nor iptables works here"
 		found=
 		for backend in $(backends "$fam"); do
 			if "${backend}_installed" "$fam"; then
 				found="$found $backend"
 			fi
 		done
-		if [ -n "$found" ] && routing_installed "$fam"; then
+		if [ -n "$found" ] && [ -n "$rules" ] && [ -n "$routes" ]; then
 			echo "IPv$fam: installed (${found# })"
-		elif [ -n "$found" ] || [ -n "$(our_rules "$fam")$(our_routes "$fam")" ]; then
+		elif [ -n "$found$rules$routes" ]; then
 			echo "IPv$fam: incomplete"
 			installed=no
 		else
 			echo "IPv$fam: not installed"
 			installed=no
 		fi
-		routing_show "$fam"
+		[ -z "$rules" ] || printf '%s\n' "$rules" | sed 's/^/  ip rule:  /'
+		[ -z "$routes" ] || printf '%s\n' "$routes" | sed 's/^/  ip route: /'
 		for backend in $(backends "$fam"); do
 			"${backend}_show" "$fam"
 		done

@@ -1,0 +1,275 @@
+"""contrib/tproxy.sh in a router namespace, with the real daemon behind it.
+
+The module builds a topology without interception rules, so each test
+starts from a bare router; every test ends with `tproxy.sh down` (both
+backends) and the router bare again. A connection is intercepted when the
+daemon logs its id and the echo server sees it come from the router; it is
+not when the server sees the client itself and the daemon logs nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+
+import pytest
+
+from .peers import ECHO, exchange, payload, sha256
+from .topology import TPROXY_SH, Topology
+
+BACKENDS = ["iptables", "nft"]
+FAMILIES = ["4", "6"]
+EX_USAGE = 64
+_seeds = itertools.count(7_000_000)
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """This module's own topology: the router without interception rules."""
+    if os.geteuid() != 0:
+        pytest.fail("tproxy.sh needs root and network namespaces", pytrace=False)
+    with Topology(tproxy=False) as world:
+        yield world
+
+
+@pytest.fixture(autouse=True)
+def bare_router(topo):
+    """Every test starts and ends without our rules in the router."""
+    assert rules(topo) == NONE
+    yield
+    tproxy_sh(topo, "down")
+    assert rules(topo) == NONE
+
+
+def tproxy_sh(topo: Topology, *args: str, status: int | None = 0):
+    """tproxy.sh args in the router; its exit status checked unless status is None."""
+    result = topo.run(topo.rtr, str(TPROXY_SH), *args, check=False, timeout=20)
+    if status is not None:
+        assert result.returncode == status, f"tproxy.sh {' '.join(args)} exited " \
+            f"{result.returncode}:\n{result.stdout}{result.stderr}"
+    return result
+
+
+def rules(topo: Topology) -> dict[str, int]:
+    """How many of each kind of our rules the router has, per family."""
+    def out(*cmd: str) -> str:
+        return topo.run(topo.rtr, *cmd).stdout
+    counts = {}
+    ruleset = out("nft", "list", "ruleset")
+    for fam, tables, nft_family in (("4", "iptables-save", "ip"), ("6", "ip6tables-save", "ip6")):
+        mangle = out(tables, "-t", "mangle")
+        counts[f"ip{fam} rule"] = len(re.findall(r"fwmark", out("ip", f"-{fam}", "rule", "show")))
+        counts[f"ip{fam} route"] = len(re.findall(r"^local default dev lo table", out(
+            "ip", f"-{fam}", "route", "show", "table", "all"), re.M))
+        counts[f"ip{fam} jump"] = len(re.findall(r"^-A PREROUTING -j TCP_INTERCEPT$", mangle, re.M))
+        counts[f"ip{fam} chain"] = len(re.findall(r"^-A TCP_INTERCEPT ", mangle, re.M))
+        counts[f"ip{fam} nft"] = ruleset.count(f"table {nft_family} tcp_intercept {{")
+        counts[f"ip{fam} nft tproxy"] = len(re.findall(
+            rf"table {nft_family} tcp_intercept {{[^}}]*tproxy to :", ruleset))
+    return counts
+
+
+NONE = {f"ip{fam} {kind}": 0 for fam in FAMILIES
+        for kind in ("rule", "route", "jump", "chain", "nft", "nft tproxy")}
+
+
+def installed(backend: str, families=FAMILIES) -> dict[str, int]:
+    """The counts of one set of our rules with backend, in families."""
+    counts = dict(NONE)
+    for fam in families:
+        counts |= {f"ip{fam} rule": 1, f"ip{fam} route": 1}
+        if backend == "iptables":
+            counts |= {f"ip{fam} jump": 1, f"ip{fam} chain": 4}
+        else:
+            counts |= {f"ip{fam} nft": 1, f"ip{fam} nft tproxy": 1}
+    return counts
+
+
+def echo(topo: Topology, peers, family: str) -> tuple[str, tuple]:
+    """A connection from the client to the echo server, bytes both ways.
+
+    Returns the daemon's id for it and the peer address the server saw.
+    """
+    server = topo.SERVER6 if family == "6" else topo.SERVER4
+    data = payload(100_000, seed=next(_seeds))
+    sock = topo.connect(topo.cli, server, ECHO)
+    with sock:
+        (cip, cport), (dip, dport) = sock.getsockname()[:2], sock.getpeername()[:2]
+        received, digest, end = exchange(sock, data)
+    assert (received, digest, end) == (len(data), sha256(data), "eof")
+    record = peers.wait_digests({sha256(data)})[0]
+    return f"[{cip}]:{cport}-->[{dip}]:{dport}", record.peer
+
+
+def assert_intercepted(topo, peers, daemon, family: str) -> None:
+    conn_id, peer = echo(topo, peers, family)
+    daemon.wait_log(f"{conn_id}: closed")
+    assert daemon.lines(f"{conn_id}: Connection intercepted")
+    assert peer[0] == (topo.ROUTER6_S if family == "6" else topo.ROUTER4_S)
+
+
+def assert_not_intercepted(topo, peers, daemon, family: str) -> None:
+    conn_id, peer = echo(topo, peers, family)
+    assert peer[0] == (topo.CLIENT6 if family == "6" else topo.CLIENT4)
+    assert daemon.lines(conn_id.split("-->")[0]) == [], "the daemon saw it"
+
+
+def listen(family: str, port: int = 5000) -> str:
+    return f"[::]:[{port}]" if family == "6" else f"[0.0.0.0]:[{port}]"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f"ipv{f}" for f in FAMILIES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_up_intercepts_and_down_lets_connections_pass(topo, peers, start_daemon,
+                                                      backend, family):
+    daemon = start_daemon(listen=listen(family))
+    tproxy_sh(topo, "--backend", backend, "--family", family, "up")
+    assert rules(topo) == installed(backend, [family])
+    assert_intercepted(topo, peers, daemon, family)
+
+    tproxy_sh(topo, "--backend", backend, "--family", family, "down")
+    assert rules(topo) == NONE
+    assert_not_intercepted(topo, peers, daemon, family)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_up_twice_is_one_set_and_down_keeps_what_is_not_ours(topo, backend):
+    foreign = [("iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "udp", "-j", "ACCEPT"),
+               ("ip", "-6", "rule", "add", "fwmark", "0x1/0x1", "lookup", "5")]
+    for cmd in foreign:
+        topo.run(topo.rtr, *cmd)
+    try:
+        before = rules(topo)
+        tproxy_sh(topo, "--backend", backend, "up")
+        tproxy_sh(topo, "--backend", backend, "up")
+        expected = installed(backend)
+        expected["ip6 rule"] += 1
+        assert rules(topo) == expected
+        tproxy_sh(topo, "--backend", backend, "down")
+        assert rules(topo) == before
+        assert "-A PREROUTING -p udp -j ACCEPT" in topo.run(topo.rtr, "iptables-save").stdout
+    finally:
+        topo.run(topo.rtr, "iptables", "-t", "mangle", "-D", "PREROUTING", "-p", "udp",
+                 "-j", "ACCEPT", check=False)
+        topo.run(topo.rtr, "ip", "-6", "rule", "del", "fwmark", "0x1/0x1", "lookup", "5",
+                 check=False)
+
+
+def test_up_with_the_other_backend_replaces_the_first(topo):
+    tproxy_sh(topo, "--backend", "iptables", "up")
+    tproxy_sh(topo, "--backend", "nft", "up")
+    assert rules(topo) == installed("nft")
+    tproxy_sh(topo, "--backend", "iptables", "up")
+    assert rules(topo) == installed("iptables")
+
+
+@pytest.mark.parametrize("args", [(), ("--backend", "iptables"), ("--backend", "nft"),
+                                  ("--family", "6")])
+def test_down_with_nothing_installed_exits_0_silently(topo, args):
+    result = tproxy_sh(topo, *args, "down")
+    assert (result.stdout, result.stderr) == ("", "")
+
+
+def test_status_exit_codes(topo, tmp_path):
+    assert "IPv4: not installed" in tproxy_sh(topo, "status", status=3).stdout
+    tproxy_sh(topo, "--family", "4", "up")
+    shown = tproxy_sh(topo, "--family", "4", "status", status=0).stdout
+    assert "IPv4: installed" in shown and "fwmark 0x1/0x1 lookup 5" in shown
+    assert "IPv6: not installed" in tproxy_sh(topo, "status", status=3).stdout
+    tproxy_sh(topo, "up")
+    tproxy_sh(topo, "status", status=0)
+    # Policy routing without firewall rules is not an installation.
+    tproxy_sh(topo, "--backend", "nft", "up")
+    topo.run(topo.rtr, "nft", "delete", "table", "ip", "tcp_intercept")
+    shown = tproxy_sh(topo, "status", status=3).stdout
+    assert "IPv4: incomplete" in shown and "IPv6: installed (nft)" in shown
+    tproxy_sh(topo, "down")
+    tproxy_sh(topo, "status", status=3)
+    # An error: no `ip` command to look with.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("bash", "id", "grep", "sed", "cat"):
+        (tools / tool).symlink_to(f"/usr/bin/{tool}")
+    result = topo.run(topo.rtr, "env", f"PATH={tools}", "bash", str(TPROXY_SH), "status",
+                      check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f"ipv{f}" for f in FAMILIES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_port_mark_and_table_are_honoured(topo, peers, start_daemon, backend, family):
+    # -B client: the server's answers go to the client's address, and only
+    # the socket match, the mark and the table bring them to the daemon.
+    daemon = start_daemon("-B", "client", listen=listen(family, 6000))
+    tproxy_sh(topo, "--backend", backend, "--family", family, "--port", "6000",
+              "--mark", "0x40/0xc0", "--table", "77", "up")
+    fam = f"-{family}"
+    assert "fwmark 0x40/0xc0 lookup 77" in topo.run(topo.rtr, "ip", fam, "rule").stdout
+    assert topo.run(topo.rtr, "ip", fam, "route", "show", "table", "77").stdout.startswith(
+        "local default dev lo")
+    shown = tproxy_sh(topo, "--family", family, "status").stdout
+    assert re.search(r"(on-port|tproxy to :)\s*6000", shown), shown
+    conn_id, peer = echo(topo, peers, family)
+    assert daemon.wait_log(f"{conn_id}: server accepted connection, splicing")
+    assert peer[0] == (topo.CLIENT6 if family == "6" else topo.CLIENT4)
+
+
+@pytest.mark.parametrize("args", [
+    ("--bogus", "up"), ("up", "down"), (), ("--port", "0", "up"), ("--port", "65536", "up"),
+    ("--port",), ("--mark", "0", "up"), ("--mark", "0x3/0x1", "up"), ("--mark", "x", "up"),
+    ("--table", "254", "up"), ("--table", "five", "up"), ("--family", "5", "up"),
+    ("--backend", "pf", "up"), ("sideways",),
+])
+def test_bad_command_line_exits_64_with_one_line(topo, args):
+    result = tproxy_sh(topo, *args, status=EX_USAGE)
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert rules(topo) == NONE
+
+
+def test_help(topo):
+    result = tproxy_sh(topo, "--help")
+    assert "up|down|status" in result.stdout
+    for option in ("--backend", "--family", "--port", "--mark", "--table"):
+        assert option in result.stdout
+
+
+def test_default_backend_is_iptables_when_iptables_is_legacy(topo, tmp_path):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("iptables", "ip6tables"):
+        for suffix in ("", "-restore"):
+            (tools / f"{name}{suffix}").symlink_to(f"/usr/sbin/{name}-legacy{suffix}")
+    path = f"PATH={tools}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"
+    try:
+        topo.run(topo.rtr, "env", path, str(TPROXY_SH), "--family", "4", "up")
+        legacy = topo.run(topo.rtr, "iptables-legacy-save", "-t", "mangle").stdout
+        assert "-j TPROXY --on-port 5000" in legacy
+        assert "tcp_intercept" not in topo.run(topo.rtr, "nft", "list", "tables").stdout
+        assert "installed (iptables)" in topo.run(topo.rtr, "env", path, str(TPROXY_SH),
+                                                  "--family", "4", "status").stdout
+    finally:
+        topo.run(topo.rtr, "env", path, str(TPROXY_SH), "down", check=False)
+    assert "TCP_INTERCEPT" not in topo.run(topo.rtr, "iptables-legacy-save").stdout
+
+
+def test_default_backend_is_nft_where_iptables_is_nf_tables(topo):
+    if "legacy" in topo.run(topo.rtr, "iptables", "-V").stdout:
+        pytest.skip("iptables is the legacy variant here")
+    tproxy_sh(topo, "up")
+    assert rules(topo) == installed("nft")
+
+
+def test_a_socket_of_the_router_itself_is_not_intercepted(topo, start_daemon):
+    """Connections to the router's own addresses stay local (addrtype LOCAL)."""
+    daemon = start_daemon(listen=listen("4"))
+    tproxy_sh(topo, "up")
+    with topo.socket(topo.rtr) as server:
+        server.bind((topo.ROUTER4_C, 7100))
+        server.listen()
+        sock = topo.connect(topo.cli, topo.ROUTER4_C, 7100)
+        with sock:
+            conn, _ = server.accept()
+            conn.close()
+    assert daemon.lines(":7100: Connection intercepted") == []
