@@ -10,12 +10,24 @@ limits in router and server, and an MPTCP sink in the server::
                        rs2 10.91.3.1 <-200 Mbit/s-> s1 10.91.3.2
 
 The client link is not shaped: the router-server links are the bottleneck.
-The server announces its second address (an ADD_ADDR ``signal`` endpoint);
-the router accepts the announcement and opens a second subflow to it, from
-whatever address routing picks for that destination: its own 10.91.3.1 on
-rs2, even when the first subflow is bound to the client's address (-B
-client). So no policy routing is needed: each link's replies go back on the
-link they came from through the connected routes.
+Two ways to have the router open a second subflow over rs2 (``endpoints``):
+
+signal   (the default) the server announces 10.91.3.2 and fd91:3::2
+         (ADD_ADDR); the router accepts the announcements and opens a
+         subflow to each from the address routing picks: its own 10.91.3.1
+         (fd91:3::1) on rs2, even when the first subflow is bound to the
+         client's address (-B client). An IPv6 connection also takes the
+         IPv4 announcement (a third subflow, on the same link).
+subflow  the router's 10.91.3.1 (fd91:3::1) is a ``subflow`` endpoint bound
+         to rs2: the router opens a subflow from it to the server's first
+         address. No route leads there through rs2, so the kernel takes the
+         destination for on-link, and the server answers ARP for any of its
+         addresses on either link.
+
+Either way no policy routing is needed: the additional subflows carry the
+router's own address, so the server's answers follow the connected routes
+back over the link they came from; only the first subflow, spoofed with -B
+client, goes back through the server's default route (link 1).
 
 The sink (MptcpSink) runs as a process of its own in the server namespace
 (``python -m tests.mptcp_world sink PORT``), listening with IPPROTO_MPTCP so
@@ -56,7 +68,8 @@ class MptcpWorld(Topology):
     """A Topology whose router and server are joined by two shaped links.
 
     rate (tc tbf syntax) limits each direction of each router-server link;
-    mptcp=False leaves the MPTCP endpoints unset (one path only).
+    endpoints is "signal" or "subflow" (see above), or None to leave MPTCP
+    unconfigured (one path only).
     """
 
     ROUTER4_S2, SERVER4_2 = "10.91.3.1", "10.91.3.2"
@@ -65,11 +78,13 @@ class MptcpWorld(Topology):
     # BDP at 200 Mbit/s for a 1-2 ms RTT with room to spare.
     TBF = ("burst", "256kb", "latency", "20ms")
 
-    def __init__(self, port: int = 5000, rate: str = "200mbit", mptcp: bool = True,
+    def __init__(self, port: int = 5000, rate: str = "200mbit", endpoints: str | None = "signal",
                  tproxy: bool = True):
         super().__init__(port=port, tproxy=tproxy)
+        if endpoints not in ("signal", "subflow", None):
+            raise ValueError(f"endpoints: {endpoints!r}")
         self.rate = rate
-        self.mptcp = mptcp
+        self.endpoints = endpoints
 
     def up(self) -> None:
         super().up()
@@ -80,15 +95,19 @@ class MptcpWorld(Topology):
         for ns, dev in ((self.rtr, "rs"), (self.srv, "s0"), (self.rtr, "rs2"), (self.srv, "s1")):
             self.run(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
                      "rate", self.rate, *self.TBF)
-        if self.mptcp:
+        if self.endpoints:
             self.configure_mptcp()
 
     def configure_mptcp(self) -> None:
         for ns in (self.rtr, self.srv):
             self.run(ns, "sysctl", "-qw", "net.mptcp.enabled=1")
             self.run(ns, "ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2")
-        self.run(self.srv, "ip", "mptcp", "endpoint", "add", self.SERVER4_2, "dev", "s1", "signal")
-        self.run(self.srv, "ip", "mptcp", "endpoint", "add", self.SERVER6_2, "dev", "s1", "signal")
+        if self.endpoints == "signal":
+            ns, dev, addrs = self.srv, "s1", (self.SERVER4_2, self.SERVER6_2)
+        else:
+            ns, dev, addrs = self.rtr, "rs2", (self.ROUTER4_S2, self.ROUTER6_S2)
+        for addr in addrs:
+            self.run(ns, "ip", "mptcp", "endpoint", "add", addr, "dev", dev, self.endpoints)
 
 
 @dataclass(frozen=True)

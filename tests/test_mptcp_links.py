@@ -1,0 +1,101 @@
+"""Bonding two uplinks: with -M a plain TCP client gets both router-server links.
+
+Router and server are joined by two links of 200 Mbit/s each (tests/
+mptcp_world.py); the server listens with MPTCP and announces its second
+address. A plain TCP client in the client namespace uploads for a few
+seconds through tcp-interceptd; the sink in the server namespace measures
+the rate and says how many subflows the connection had and where each came
+from. Without -M the intercepted connection is plain TCP on one link; with
+-M the router's side is MPTCP and the kernel adds a subflow on the second
+link, with or without -B client.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .mptcp_world import MptcpSink, MptcpWorld, Transfer, upload
+
+SECONDS = 3.0
+ONE_LINK = (150, 205)  # Mbit/s a single TCP flow gets through a 200 Mbit/s token bucket
+BONDED = 1.8           # at least this many times the one-link rate with -M
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """The two-link world; the conftest daemon fixtures start daemons in it."""
+    if os.geteuid() != 0:
+        pytest.fail("building namespaces needs root", pytrace=False)
+    with MptcpWorld() as world:
+        yield world
+
+
+@pytest.fixture(scope="module")
+def sink(topo):
+    with MptcpSink(topo) as server:
+        yield server
+
+
+def through_daemon(topo, sink, start_daemon, *args: str, ipv6: bool = False) -> Transfer:
+    """One upload through a daemon started with args, then that daemon stopped.
+
+    The daemon listens on 0.0.0.0 or [::]: an IPv4 client accepted on [::]
+    would make an IPv6 (v4-mapped) MPTCP connection, which takes the
+    server's IPv6 announcement too.
+    """
+    daemon = start_daemon(*args, listen="[::]:[5000]" if ipv6 else None)
+    upload(topo, topo.SERVER6 if ipv6 else topo.SERVER4, seconds=SECONDS)
+    transfer = sink.transfer()
+    assert daemon.stop() == 0, daemon.output()
+    return transfer
+
+
+@pytest.fixture(scope="module")
+def one_link(topo, sink, start_module_daemon) -> Transfer:
+    """What a plain TCP connection through the daemon (no -M) gets."""
+    return through_daemon(topo, sink, start_module_daemon)
+
+
+def link(address: str) -> int:
+    """Which router-server link a subflow used, from the server's side of it."""
+    return {"10.91.2.2": 1, "[fd91:2::2]": 1, "10.91.3.2": 2, "[fd91:3::2]": 2}[
+        address.rsplit(":", 1)[0]]
+
+
+def test_without_mptcp_one_link(topo, one_link):
+    assert not one_link.mptcp
+    assert ONE_LINK[0] <= one_link.mbit <= ONE_LINK[1], one_link
+    assert one_link.peer[0] == topo.ROUTER4_S
+
+
+def bonded(transfer: Transfer, one_link: Transfer) -> None:
+    """An MPTCP connection with a subflow on each link, at least BONDED x one link."""
+    assert transfer.mptcp and transfer.subflows >= 2, transfer
+    assert {link(local) for local, _ in transfer.paths} == {1, 2}, transfer
+    assert transfer.mbit >= BONDED * one_link.mbit, (transfer, one_link)
+
+
+def test_mptcp_bonds_both_links(topo, sink, start_daemon, one_link):
+    transfer = through_daemon(topo, sink, start_daemon, "-M")
+    bonded(transfer, one_link)
+    assert transfer.peer[0] == topo.ROUTER4_S
+
+
+def test_mptcp_spoofing_the_client_bonds_both_links(topo, sink, start_daemon, one_link):
+    """The server's accept() gives the client's address, but only the first
+    subflow carries it: the one on the second link comes from the router's
+    own address there, which the kernel's path manager picks by routing (the
+    client's address is no address of the router's to open a subflow from)."""
+    transfer = through_daemon(topo, sink, start_daemon, "-M", "-B", "client")
+    bonded(transfer, one_link)
+    assert transfer.peer[0] == topo.CLIENT4
+    remotes = {(link(local), remote.rsplit(":", 1)[0]) for local, remote in transfer.paths}
+    assert remotes == {(1, topo.CLIENT4), (2, topo.ROUTER4_S2)}, transfer
+
+
+def test_mptcp_spoofing_the_client_over_ipv6(topo, sink, start_daemon, one_link):
+    transfer = through_daemon(topo, sink, start_daemon, "-M", "-B", "client", ipv6=True)
+    bonded(transfer, one_link)
+    assert transfer.peer[0] == topo.CLIENT6
