@@ -35,8 +35,7 @@ def topo():
 
 @pytest.fixture(autouse=True)
 def bare_router(topo):
-    """Every test starts and ends without our rules in the router."""
-    assert rules(topo) == NONE
+    """Every test ends without our rules in the router, so the next starts so."""
     yield
     tproxy_sh(topo, "down")
     assert rules(topo) == NONE
@@ -51,19 +50,23 @@ def tproxy_sh(topo: Topology, *args: str, status: int | None = 0):
     return result
 
 
+SNAPSHOT = "; echo '%%'; ".join([
+    "nft list ruleset", "iptables-save -t mangle", "ip6tables-save -t mangle",
+    "ip -4 rule show", "ip -6 rule show", "ip -4 route show table all",
+    "ip -6 route show table all"])
+
+
 def rules(topo: Topology) -> dict[str, int]:
     """How many of each kind of our rules the router has, per family."""
-    def out(*cmd: str) -> str:
-        return topo.run(topo.rtr, *cmd).stdout
+    out = topo.run(topo.rtr, "bash", "-c", f"set -e; {SNAPSHOT}").stdout.split("%%\n")
+    ruleset, mangle, rule, route = out[0], out[1:3], out[3:5], out[5:7]
     counts = {}
-    ruleset = out("nft", "list", "ruleset")
-    for fam, tables, nft_family in (("4", "iptables-save", "ip"), ("6", "ip6tables-save", "ip6")):
-        mangle = out(tables, "-t", "mangle")
-        counts[f"ip{fam} rule"] = len(re.findall(r"fwmark", out("ip", f"-{fam}", "rule", "show")))
-        counts[f"ip{fam} route"] = len(re.findall(r"^local default dev lo table", out(
-            "ip", f"-{fam}", "route", "show", "table", "all"), re.M))
-        counts[f"ip{fam} jump"] = len(re.findall(r"^-A PREROUTING -j TCP_INTERCEPT$", mangle, re.M))
-        counts[f"ip{fam} chain"] = len(re.findall(r"^-A TCP_INTERCEPT ", mangle, re.M))
+    for i, (fam, nft_family) in enumerate((("4", "ip"), ("6", "ip6"))):
+        counts[f"ip{fam} rule"] = rule[i].count("fwmark")
+        counts[f"ip{fam} route"] = len(re.findall(r"^local default dev lo table", route[i], re.M))
+        counts[f"ip{fam} jump"] = len(re.findall(r"^-A PREROUTING -j TCP_INTERCEPT$", mangle[i],
+                                                 re.M))
+        counts[f"ip{fam} chain"] = len(re.findall(r"^-A TCP_INTERCEPT ", mangle[i], re.M))
         counts[f"ip{fam} nft"] = ruleset.count(f"table {nft_family} tcp_intercept {{")
         counts[f"ip{fam} nft tproxy"] = len(re.findall(
             rf"table {nft_family} tcp_intercept {{[^}}]*tproxy to :", ruleset))
