@@ -1,0 +1,86 @@
+"""The man page documents exactly the options of --help, and renders cleanly.
+
+Both sides are parsed into {option: argument name or None}: --help from the
+program's own output, the man page from the tags of its OPTIONS section.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MANPAGE = ROOT / "man" / "tcp-interceptd.8"
+OPTION = re.compile(r"^--?[A-Za-z0-9][\w-]*$")
+
+
+def _options(words: list[str]) -> dict[str, str | None]:
+    """['--pid-file', '-p', 'file'] -> {'--pid-file': 'file', '-p': 'file'}."""
+    names = [w for w in words if OPTION.match(w)]
+    rest = [w for w in words if not OPTION.match(w)]
+    assert len(rest) <= 1, f"more than one argument name in {words}"
+    return {name: rest[0] if rest else None for name in names}
+
+
+def help_options() -> dict[str, str | None]:
+    out = subprocess.run([sys.executable, "-m", "tcp_intercept", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=30).stderr
+    found: dict[str, str | None] = {}
+    for line in out.splitlines():
+        if re.match(r"^ {2}-", line):  # "  -p --pid-file file    The file ..."
+            found.update(_options(re.split(r"\s{2,}", line.strip())[0].split()))
+    return found
+
+
+def _plain(roff: str) -> str:
+    """A line of roff as the reader sees it (enough for option tags)."""
+    text = re.sub(r"^\.(BR|BI|IR|RB|B|I)\s+", "", roff)
+    text = re.sub(r"\\f(\[\w*\]|\w)", "", text)
+    return text.replace("\\-", "-").replace('"', " ").replace(",", " ")
+
+
+def manpage_options() -> dict[str, str | None]:
+    lines = MANPAGE.read_text().splitlines()
+    start = lines.index(".SH OPTIONS")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(".SH "))
+    found: dict[str, str | None] = {}
+    for i in range(start, end):
+        if lines[i] == ".TP":  # the next line is the tag: the option and its argument
+            found.update(_options(_plain(lines[i + 1]).split()))
+    return found
+
+
+def test_help_is_parsed():
+    options = help_options()
+    assert options["-p"] == options["--pid-file"] == "file"
+    assert options["--tcp_nodelay"] is None
+    assert len(options) > 20
+
+
+def test_manpage_lists_every_option_of_help_and_no_other():
+    assert manpage_options() == help_options()
+
+
+def test_tcp_intercept_page_is_the_same_page():
+    assert (MANPAGE.parent / "tcp-intercept.8").read_text() == ".so man8/tcp-interceptd.8\n"
+
+
+def test_manpage_renders_without_warnings():
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(MANPAGE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stderr == ""
+    if shutil.which("man") is not None:
+        result = subprocess.run(["man", "--warnings", "-l", str(MANPAGE)],
+                                capture_output=True, text=True, timeout=60,
+                                env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"})
+        assert result.returncode == 0
+        assert result.stderr == ""
+        assert "--bind-outgoing" in result.stdout.replace("\u2010", "-")
