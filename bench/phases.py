@@ -12,6 +12,7 @@ connection rate last (it leaves tens of thousands of TIME_WAIT sockets).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import subprocess
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.netns import terminate
 from tests.topology import Daemon, Topology, TopologyError, wait_for
 
 from . import procfs
@@ -150,9 +152,14 @@ class Held:
         self.proc.stdin.flush()
 
     def close(self) -> None:
-        self.tell("close")
-        self.proc.stdin.close()
-        self.proc.wait(timeout=self.timeout)
+        """Never raises: a load generator that died or hangs is stopped by pid."""
+        with contextlib.suppress(OSError):
+            self.tell("close")
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            terminate(self.proc)
         self.proc.stdout.close()
 
 

@@ -55,6 +55,7 @@ METRICS = [
     Metric("rate_p50_ms", "connection time p50 ms", "{:.2f}"),
     Metric("rate_p99_ms", "connection time p99 ms", "{:.2f}"),
     Metric("daemon_cpu_us_per_conn", "daemon CPU us per connection", "{:.0f}"),
+    Metric("loadgen_cpu_share", "load generator CPU, share of a core", "{:.2f}"),
     Metric("rtt_p50_us", "64 B round trip p50 us", "{:.0f}",
            lambda p, d, s: p <= d + 45, "<= direct + 45"),
     Metric("rtt_p99_us", "64 B round trip p99 us", "{:.0f}"),
@@ -88,7 +89,8 @@ def flatten(raw: dict) -> dict:
     if rate := raw.get("rate"):
         flat.update(conn_per_s=rate["conn_per_s"], rate_errors=rate["errors"],
                     rate_p50_ms=rate["p50_ms"], rate_p99_ms=rate["p99_ms"],
-                    daemon_cpu_us_per_conn=rate["daemon_cpu_us_per_conn"])
+                    daemon_cpu_us_per_conn=rate["daemon_cpu_us_per_conn"],
+                    loadgen_cpu_share=rate["loadgen_cpu_share"])
     if ping := raw.get("pingpong"):
         flat.update(rtt_p50_us=ping["p50_us"], rtt_p99_us=ping["p99_us"])
     for phase in ("idle", "concurrent"):
