@@ -120,24 +120,8 @@ class Topology:
 
     def install_tproxy(self) -> None:
         """The interception rules in the router, as an operator installs them."""
-        if TPROXY_SH.exists():
-            self.run(self.rtr, str(TPROXY_SH), "--family", "all",
-                     "--port", str(self.port), "up")
-            return
-        # contrib/tproxy.sh has not landed yet: the recipe of the original's
-        # README, for both families.
-        for ip, tables, anywhere in (("-4", "iptables", "0.0.0.0/0"), ("-6", "ip6tables", "::/0")):
-            mangle = [tables, "-w", "-t", "mangle"]
-            self.run(self.rtr, "ip", ip, "rule", "add", "fwmark", "0x1/0x1", "table", "5")
-            self.run(self.rtr, "ip", ip, "route", "add", "local", anywhere, "dev", "lo",
-                     "table", "5")
-            self.run(self.rtr, *mangle, "-N", "tproxy")
-            for rule in (["-m", "socket", "-j", "MARK", "--set-mark", "0x1/0x1"],
-                         ["-m", "socket", "-j", "RETURN"],
-                         ["-m", "addrtype", "--dst-type", "LOCAL", "-j", "RETURN"],
-                         ["-j", "TPROXY", "--on-port", str(self.port), "--tproxy-mark", "0x1/0x1"]):
-                self.run(self.rtr, *mangle, "-A", "tproxy", "-p", "tcp", *rule)
-            self.run(self.rtr, *mangle, "-A", "PREROUTING", "-j", "tproxy")
+        self.run(self.rtr, str(TPROXY_SH), "--family", "all",
+                 "--port", str(self.port), "up")
 
     def down(self) -> None:
         for proc in reversed(self._procs):
