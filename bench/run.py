@@ -26,6 +26,7 @@ stopped by pid, and the whole run is bounded in time (SIGALRM).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import shlex
@@ -87,7 +88,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def profile_of(args: argparse.Namespace) -> Profile:
     profile = PROFILES[args.profile]
     if args.concurrent is not None:
-        profile = Profile(**{**profile.__dict__, "concurrent": args.concurrent})
+        profile = dataclasses.replace(profile, concurrent=args.concurrent)
     return profile
 
 
