@@ -1,0 +1,326 @@
+#!/bin/bash
+# The Debian package, end to end, as an operator meets it. As root, on
+# Debian 12 (run by .ci/run after scripts/test.sh):
+#
+#   1. build tcp-intercept_*.deb with dpkg-buildpackage from a copy of the
+#      checkout's tracked files (the checkout itself stays clean);
+#   2. apt-get install it, so that its dependencies come from Debian, with
+#      bind-listen preseeded through debconf;
+#   3. check the binaries (Debian's python3), the man page, the unit file,
+#      and that reconfiguring keeps the settings file's other lines;
+#   4. in a router namespace between a client and a server namespace, run
+#      /etc/init.d/tcp-intercept with BIND_OUTGOING=client and
+#      CONTROL_NETWORK=1 CONTROL_IPTABLES=1: start (tproxy.sh installs the
+#      rules), a connection relayed with the client's address, status,
+#      reload and logrotate (SIGHUP, same pid), a start that fails with the
+#      daemon's own status, stop (rules gone, status 3);
+#   5. apt-get purge, and check that nothing is left.
+#
+# Everything it creates is removed on exit, failed or not. About a minute
+# once the build dependencies are installed.
+set -euo pipefail
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin # Debian's python3, not a pyenv one
+export DEBIAN_FRONTEND=noninteractive
+# On a machine run by systemd, /lib/lsb/init-functions would hand the init
+# script over to systemctl, that is to the host's namespaces.
+export _SYSTEMCTL_SKIP_REDIRECT=1
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ID=$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+NS_C=tds$ID-c NS_R=tds$ID-r NS_S=tds$ID-s
+WORK=$(mktemp -d /tmp/tds-smoke.XXXXXX)
+PIDFILE=/run/tcp-intercept.pid
+LOG=/var/log/tcp-intercept.log
+DEFAULTS=/etc/default/tcp-intercept
+TPROXY=/usr/lib/tcp-intercept/tproxy.sh
+PORT=5077 # preseeded: the TPROXY port must follow BIND_LISTEN
+CLIENT=10.77.1.2 ROUTER_C=10.77.1.1 ROUTER_S=10.77.2.1 SERVER=10.77.2.2
+SERVER_PID='' OUR_POLICY_RC_D='' INSTALLED='' STARTED=''
+T0=$(date +%s)
+
+say() { echo "deb_smoke [$(($(date +%s) - T0))s]: $*"; }
+fail() {
+	echo "deb_smoke: FAILED: $*" >&2
+	exit 1
+}
+in_ns() { # namespace command...
+	local ns=$1
+	shift
+	ip netns exec "$ns" "$@"
+}
+init_script() { timeout 60 ip netns exec "$NS_R" /etc/init.d/tcp-intercept "$@"; }
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds.
+wait_for() {
+	local seconds=$1 what=$2 deadline
+	deadline=$(($(date +%s) + seconds))
+	shift 2
+	until "$@" >/dev/null 2>&1; do
+		[ "$(date +%s)" -lt "$deadline" ] || fail "no $what within ${seconds}s"
+		sleep 0.1
+	done
+}
+
+# The daemon's pid, if the pid file names a live process in our router.
+our_daemon() {
+	local pid
+	pid=$(cat "$PIDFILE" 2>/dev/null) || return 1
+	[ -n "$pid" ] && [ "$(ip netns identify "$pid" 2>/dev/null)" = "$NS_R" ] || return 1
+	echo "$pid"
+}
+
+cleanup() {
+	local status=$? pid
+	set +e
+	trap - EXIT INT TERM
+	if [ "$status" != 0 ] && [ -f "$LOG" ] && [ -n "$STARTED" ]; then
+		echo "--- $LOG (last 30 lines)" >&2
+		tail -n 30 "$LOG" >&2
+	fi
+	if pid=$(our_daemon); then
+		kill -TERM "$pid"
+		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$pid" 2>/dev/null
+	fi
+	if [ -n "$SERVER_PID" ]; then
+		kill "$SERVER_PID" 2>/dev/null
+		wait "$SERVER_PID" 2>/dev/null
+	fi
+	for ns in "$NS_C" "$NS_R" "$NS_S"; do
+		ip netns del "$ns" 2>/dev/null # its rules and routes go with it
+	done
+	[ -z "$OUR_POLICY_RC_D" ] || rm -f /usr/sbin/policy-rc.d
+	if [ -n "$INSTALLED" ] && dpkg-query -W tcp-intercept >/dev/null 2>&1; then
+		apt-get purge -y -qq tcp-intercept >/dev/null 2>&1
+	fi
+	echo PURGE | debconf-communicate tcp-intercept >/dev/null 2>&1
+	if [ -n "$STARTED" ]; then
+		rm -f "$PIDFILE" "$LOG" "$LOG".*
+	fi
+	rm -rf "$WORK"
+	if [ "$status" = 0 ]; then
+		say "passed"
+	else
+		echo "deb_smoke: failed (status $status)" >&2
+	fi
+	exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$(id -u)" = 0 ] || fail "run as root (apt, namespaces, TPROXY)"
+if dpkg-query -W -f='${Status}' tcp-intercept 2>/dev/null | grep -q installed; then
+	fail "tcp-intercept is installed already; this test installs and purges it"
+fi
+[ ! -s "$PIDFILE" ] || fail "$PIDFILE exists: a tcp-intercept runs here already"
+
+# -- 1. build ---------------------------------------------------------------
+
+say "installing the build dependencies"
+DEPS=(debhelper dh-python python3-all python3-setuptools dpkg-dev git
+      iproute2 iptables nftables logrotate man-db)
+apt_install() {
+	apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "$@"
+}
+if ! apt_install "${DEPS[@]}" >"$WORK/apt.log" 2>&1; then
+	apt-get update -qq -o DPkg::Lock::Timeout=300 >>"$WORK/apt.log" 2>&1
+	apt_install "${DEPS[@]}" >>"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt-get install ${DEPS[*]}"; }
+fi
+
+say "building the package"
+mkdir "$WORK/src"
+(cd "$REPO" && git ls-files -z | tar --null -T - -c) | tar -x -C "$WORK/src"
+if ! (cd "$WORK/src" && dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
+	tail -n 40 "$WORK/build.log" >&2
+	fail "dpkg-buildpackage"
+fi
+DEB=$(echo "$WORK"/tcp-intercept_*_all.deb)
+[ -f "$DEB" ] || fail "no tcp-intercept_*_all.deb built"
+
+# -- 2. install ---------------------------------------------------------------
+
+say "installing $(basename "$DEB") with apt"
+# The postinst would start the daemon in the host's namespace: not here.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+	printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+	chmod 755 /usr/sbin/policy-rc.d
+	OUR_POLICY_RC_D=1
+fi
+echo "tcp-intercept tcp-intercept/bind-listen string [0.0.0.0]:[$PORT]" | debconf-set-selections
+chmod 755 "$WORK" # apt's download user reads the .deb
+INSTALLED=1
+if ! apt-get install -y -qq -o DPkg::Lock::Timeout=300 "$DEB" >"$WORK/install.log" 2>&1; then
+	cat "$WORK/install.log" >&2
+	fail "apt-get install $DEB"
+fi
+if [ -n "$OUR_POLICY_RC_D" ]; then
+	rm -f /usr/sbin/policy-rc.d
+	OUR_POLICY_RC_D=
+fi
+if [ -d /run/systemd/system ]; then
+	systemctl stop tcp-intercept.service 2>/dev/null || true
+fi
+
+# -- 3. what was installed ----------------------------------------------------
+
+say "checking the binaries, the man page, the unit, the settings file"
+for bin in tcp-interceptd tcp-intercept; do
+	[ "$(head -n 1 /usr/sbin/$bin)" = "#!/usr/bin/python3" ] || fail "/usr/sbin/$bin: not #!/usr/bin/python3"
+	out=$(cd / && /usr/sbin/$bin -V) || fail "$bin -V: exit status $?"
+	python=$(/usr/bin/python3 -c 'import platform; print(platform.python_version())')
+	case $out in
+		"tcp-intercept version "*" Python $python,"*) ;;
+		*) fail "$bin -V: $out" ;;
+	esac
+done
+module=$(cd / && /usr/bin/python3 -c 'import tcp_intercept; print(tcp_intercept.__file__)')
+[ "$module" = /usr/lib/python3/dist-packages/tcp_intercept/__init__.py ] || fail "tcp_intercept from $module"
+for page in tcp-interceptd tcp-intercept; do
+	warnings=$(MANWIDTH=80 man --warnings -l /usr/share/man/man8/$page.8.gz 2>&1 >/dev/null) ||
+		fail "man $page: exit status $?"
+	[ -z "$warnings" ] || fail "man $page: $warnings"
+done
+if command -v systemd-analyze >/dev/null; then
+	out=$(systemd-analyze verify /lib/systemd/system/tcp-intercept.service 2>&1 |
+		grep -v "man tcp-interceptd(8)" || true) # no man-db index in a fresh container
+	[ -z "$out" ] || fail "systemd-analyze verify: $out"
+fi
+grep -qx "BIND_LISTEN=\"\[0.0.0.0\]:\[$PORT\]\"" "$DEFAULTS" || fail "debconf's bind-listen is not in $DEFAULTS"
+grep -qx 'BIND_OUTGOING="\[0.0.0.0\]:\[0\]"' "$DEFAULTS" || fail "no default BIND_OUTGOING in $DEFAULTS"
+
+# An operator edits the file; reconfiguring must keep every line of it.
+sed -i -e 's/^BIND_OUTGOING=.*/BIND_OUTGOING=client/' -e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' \
+	-e 's/^CONTROL_IPTABLES=.*/CONTROL_IPTABLES=1/' "$DEFAULTS"
+echo '# a line of our own' >>"$DEFAULTS"
+dpkg-reconfigure -f noninteractive tcp-intercept >/dev/null 2>&1 || fail "dpkg-reconfigure"
+grep -qx 'BIND_OUTGOING="client"' "$DEFAULTS" || fail "dpkg-reconfigure lost BIND_OUTGOING=client"
+grep -qx 'CONTROL_NETWORK=1' "$DEFAULTS" && grep -qx '# a line of our own' "$DEFAULTS" ||
+	fail "dpkg-reconfigure changed other lines of $DEFAULTS"
+case $(debconf-show tcp-intercept) in *"bind-outgoing: client"*) ;; *) false ;; esac || fail "debconf did not learn BIND_OUTGOING"
+
+# -- 4. the init script in a router -----------------------------------------
+
+say "client $NS_C -- router $NS_R -- server $NS_S"
+for ns in "$NS_C" "$NS_R" "$NS_S"; do
+	ip netns add "$ns"
+	in_ns "$ns" ip link set lo up
+done
+ip link add c0 netns "$NS_C" type veth peer name rc netns "$NS_R"
+ip link add s0 netns "$NS_S" type veth peer name rs netns "$NS_R"
+in_ns "$NS_C" ip addr add "$CLIENT/24" dev c0
+in_ns "$NS_C" ip link set c0 up
+in_ns "$NS_C" ip route add default via "$ROUTER_C"
+in_ns "$NS_S" ip addr add "$SERVER/24" dev s0
+in_ns "$NS_S" ip link set s0 up
+in_ns "$NS_S" ip route add default via "$ROUTER_S"
+in_ns "$NS_R" ip addr add "$ROUTER_C/24" dev rc
+in_ns "$NS_R" ip addr add "$ROUTER_S/24" dev rs
+in_ns "$NS_R" ip link set rc up
+in_ns "$NS_R" ip link set rs up
+in_ns "$NS_R" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0
+
+# The server answers each connection with the address it saw and the
+# number of bytes it received.
+timeout 120 ip netns exec "$NS_S" /usr/bin/python3 -c '
+import socket, sys
+listener = socket.create_server((sys.argv[1], 8080))
+while True:
+    conn, peer = listener.accept()
+    with conn:
+        conn.settimeout(20)
+        received = 0
+        while chunk := conn.recv(65536):
+            received += len(chunk)
+        conn.sendall(f"{peer[0]}:{peer[1]} {received}\n".encode())
+' "$SERVER" &
+SERVER_PID=$!
+wait_for 10 "server listening" sh -c \
+	"ip netns exec $NS_S ss -Hltn 'sport = :8080' | grep -q LISTEN"
+
+# connect: prints "client-port seen-address:port bytes".
+connect() {
+	timeout 30 ip netns exec "$NS_C" /usr/bin/python3 -c '
+import socket, sys
+conn = socket.create_connection((sys.argv[1], 8080), timeout=20)
+data = bytes(range(256)) * 4096
+conn.sendall(data)
+conn.shutdown(socket.SHUT_WR)
+reply = b""
+while chunk := conn.recv(4096):
+    reply += chunk
+print(conn.getsockname()[1], reply.decode().strip())
+' "$SERVER"
+}
+
+# The relayed connection: the server saw the client, the bytes arrived, and
+# the daemon logged it (so it did not merely pass through the router).
+check_relayed() {
+	local out port
+	out=$(connect) || fail "the client's connection failed"
+	port=${out%% *}
+	[ "$out" = "$port $CLIENT:$port 1048576" ] ||
+		fail "the server saw '${out#* }', not '$CLIENT:$port 1048576'"
+	wait_for 5 "log line for the connection" \
+		grep -qF "[$CLIENT]:$port-->[$SERVER]:8080: Connection intercepted" "$LOG"
+}
+
+say "init script: start"
+STARTED=1
+init_script start || fail "start: exit status $?"
+pid=$(our_daemon) || fail "start: no daemon in $NS_R after start returned"
+[ "$(cat /proc/"$pid"/comm)" = tcp-interceptd ] || fail "the daemon's process name is $(cat /proc/"$pid"/comm)"
+in_ns "$NS_R" "$TPROXY" status >/dev/null || fail "start: the interception rules are not installed"
+in_ns "$NS_R" ss -Hltn "sport = :$PORT" | grep -q LISTEN || fail "start: nothing listens on $PORT"
+rules=$(in_ns "$NS_R" iptables-save 2>/dev/null; in_ns "$NS_R" nft list ruleset 2>/dev/null || true)
+case $rules in
+	*"--on-port $PORT "* | *"tproxy to :$PORT "*) ;;
+	*) fail "start: no TPROXY rule to port $PORT" ;;
+esac
+
+say "a connection through the router"
+check_relayed
+
+say "init script: status, reload, logrotate"
+init_script status >/dev/null || fail "status: exit status $? while running"
+init_script reload >/dev/null || fail "reload: exit status $?"
+wait_for 10 "SIGHUP reopen line" grep -q "Received SIGHUP, (re)opening this logfile" "$LOG"
+logrotate -s "$WORK/logrotate.state" -f /etc/logrotate.d/tcp-intercept || fail "logrotate"
+[ -f "$LOG.1" ] || fail "logrotate: no $LOG.1"
+wait_for 10 "reopened log after logrotate" grep -q "Received SIGHUP, (re)opening this logfile" "$LOG"
+[ "$(our_daemon)" = "$pid" ] || fail "the daemon did not survive SIGHUP as pid $pid"
+check_relayed # and it still relays, into the new log
+
+say "init script: start again (already running), then stop"
+init_script start >/dev/null || fail "start while running: exit status $?"
+[ "$(our_daemon)" = "$pid" ] || fail "start while running replaced the daemon"
+init_script stop >/dev/null || fail "stop: exit status $?"
+! kill -0 "$pid" 2>/dev/null || fail "stop: pid $pid still runs"
+[ ! -e "$PIDFILE" ] || fail "stop: $PIDFILE left behind"
+status=0
+init_script status >/dev/null || status=$?
+[ "$status" = 3 ] || fail "status after stop: $status, not 3"
+status=0
+in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
+[ "$status" = 3 ] || fail "stop: tproxy.sh status $status, not 3 (rules left)"
+
+say "init script: a start the daemon refuses reports the daemon's status"
+echo 'DAEMON_OPTS="--no-such-option"' >>"$DEFAULTS"
+status=0
+init_script start >/dev/null 2>&1 || status=$?
+[ "$status" = 64 ] || fail "start with a bad option: exit status $status, not 64"
+status=0
+in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
+[ "$status" = 3 ] || fail "rules installed for a daemon that did not start"
+
+# -- 5. purge -----------------------------------------------------------------
+
+say "apt-get purge"
+# prerm's stop runs in the host's namespace: leave its firewall alone.
+sed -i 's/^CONTROL_\(NETWORK\|IPTABLES\)=.*/CONTROL_\1=0/' "$DEFAULTS"
+apt-get purge -y -qq tcp-intercept >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log" >&2; fail "apt-get purge"; }
+INSTALLED=
+for f in "$DEFAULTS" /usr/sbin/tcp-interceptd /usr/sbin/tcp-intercept /etc/init.d/tcp-intercept \
+	"$TPROXY" /etc/logrotate.d/tcp-intercept "$LOG" "$LOG.1"; do
+	[ ! -e "$f" ] || fail "purge left $f"
+done
+[ -z "$(debconf-show tcp-intercept 2>/dev/null)" ] || fail "purge left the debconf answers"
