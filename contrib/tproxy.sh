@@ -293,8 +293,8 @@ iptables_show() {
 	local ipt
 	ipt=$(iptables_cmd "$1")
 	{
-		"$ipt" -w -t mangle -S PREROUTING | grep -- "-j $CHAIN\$" || true
 		"$ipt" -w -t mangle -S "$CHAIN" 2>/dev/null || true
+		"$ipt" -w -t mangle -S PREROUTING | grep -- "-j $CHAIN\$" || true
 	} | sed "s/^/  $ipt -t mangle /"
 }
 
@@ -394,6 +394,9 @@ cmd_up() {
 	local fam backend
 	for fam in $FAMILIES; do
 		backend=${BACKEND:-$(pick_backend "$fam")}
+		# Checked before anything changes, so a failure leaves no half set.
+		"${backend}_usable" "$fam" ||
+			die "IPv$fam: $backend cannot install TPROXY rules here (installed? kernel modules?)"
 		routing_up "$fam"
 		"${backend}_up" "$fam"
 		# Switching backends: the other one's copy of our rules goes.
