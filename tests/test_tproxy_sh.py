@@ -276,3 +276,16 @@ def test_a_socket_of_the_router_itself_is_not_intercepted(topo, start_daemon):
             conn, _ = server.accept()
             conn.close()
     assert daemon.lines(":7100: Connection intercepted") == []
+
+
+def test_up_with_a_backend_that_does_not_work_changes_nothing(topo, tmp_path):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "nft").write_text("#!/bin/sh\necho 'nft: broken' >&2\nexit 1\n")
+    (tools / "nft").chmod(0o755)
+    path = f"PATH={tools}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"
+    result = topo.run(topo.rtr, "env", path, str(TPROXY_SH), "--backend", "nft", "up",
+                      check=False)
+    assert result.returncode == 1
+    assert "nft cannot install" in result.stderr
+    assert rules(topo) == NONE
