@@ -177,6 +177,20 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
     return rounds
 
 
+def software() -> dict:
+    """What was measured: the commit of this tree, iperf3's and the daemon's versions."""
+    def output(*cmd: str) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10,
+                                  cwd=REPO).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": output("git", "rev-parse", "HEAD"),
+            "changed_files": output("git", "status", "--porcelain", "--untracked-files=no"),
+            "daemon": output(sys.executable, "-m", "tcp_intercept", "--version").split("\n")[0],
+            "iperf3": output("iperf3", "--version").split("\n")[0]}
+
+
 def summarize(args: argparse.Namespace, rounds: list[dict], started: datetime) -> dict:
     summary = {path: report.median([report.flatten(r[path]) for r in rounds])
                for path in ("direct", "proxied")}
@@ -184,6 +198,7 @@ def summarize(args: argparse.Namespace, rounds: list[dict], started: datetime) -
         "date": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.now(UTC) - started).total_seconds(), 1),
         "machine": procfs.machine(),
+        "software": software(),
         "command": [sys.executable, *sys.argv],
         "daemon_args": args.daemon_args,
         "profile": args.profile, "settings": profile_of(args).__dict__, "rounds_asked": args.rounds,
