@@ -29,8 +29,8 @@
 # with routing protocol number 84 (unassigned in rtnetlink.h and rt_protos).
 #
 # Backends: iptables (iptables + ip6tables, whichever variant they are) and
-# nft; each is a set of functions <backend>_up / _down / _show / _installed
-# taking the family (4 or 6).
+# nft; each is the same set of functions, <backend>_usable / _up / _down /
+# _installed / _show, taking the family (4 or 6).
 
 set -eu
 
@@ -248,7 +248,6 @@ routing_down() {
 	routing_routes_down "$1"
 }
 
-
 # -- iptables backend ------------------------------------------------------
 
 iptables_cmd() {
@@ -401,7 +400,7 @@ cmd_up() {
 		"${backend}_up" "$fam"
 		# Switching backends: the other one's copy of our rules goes.
 		if [ "$backend" = nft ]; then
-			! iptables_usable "$fam" || iptables_down "$fam"
+			if iptables_usable "$fam"; then iptables_down "$fam"; fi
 		elif command -v nft >/dev/null; then
 			nft_down "$fam"
 		fi
