@@ -1,7 +1,8 @@
 #!/bin/sh
 # The bench (bench/run.py), with the repository's virtualenv when there is one.
-cd "$(dirname "$0")/.." || exit 1
-if [ -x .venv/bin/python ]; then
-    exec .venv/bin/python bench/run.py "$@"
+# No cd: --out DIR is relative to where it is run from.
+repo=$(cd "$(dirname "$0")/.." && pwd) || exit 1
+if [ -x "$repo/.venv/bin/python" ]; then
+    exec "$repo/.venv/bin/python" "$repo/bench/run.py" "$@"
 fi
-exec python3 bench/run.py "$@"
+exec python3 "$repo/bench/run.py" "$@"
