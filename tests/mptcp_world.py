@@ -20,9 +20,10 @@ signal   (the default) the server announces 10.91.3.2 and fd91:3::2
          IPv4 announcement (a third subflow, on the same link).
 subflow  the router's 10.91.3.1 (fd91:3::1) is a ``subflow`` endpoint bound
          to rs2: the router opens a subflow from it to the server's first
-         address. No route leads there through rs2, so the kernel takes the
-         destination for on-link, and the server answers ARP for any of its
-         addresses on either link.
+         address, as a router with two uplinks would to any MPTCP server.
+         Source routing sends what leaves from 10.91.3.1 out through rs2
+         (rule ``from 10.91.3.1 lookup 913``: default via 10.91.3.2), the
+         usual recipe for two uplinks; the server takes 10.91.2.2 in on s1.
 
 Either way no policy routing is needed: the additional subflows carry the
 router's own address, so the server's answers follow the connected routes
@@ -77,6 +78,7 @@ class MptcpWorld(Topology):
     # burst: the bucket must hold a 64 KB GSO packet; 20 ms of queue is a
     # BDP at 200 Mbit/s for a 1-2 ms RTT with room to spare.
     TBF = ("burst", "256kb", "latency", "20ms")
+    SECOND_TABLE = "913"  # the router's routes for what leaves from its rs2 address
 
     def __init__(self, port: int = 5000, rate: str = "200mbit", endpoints: str | None = "signal",
                  tproxy: bool = True):
@@ -106,6 +108,11 @@ class MptcpWorld(Topology):
             ns, dev, addrs = self.srv, "s1", (self.SERVER4_2, self.SERVER6_2)
         else:
             ns, dev, addrs = self.rtr, "rs2", (self.ROUTER4_S2, self.ROUTER6_S2)
+            for ip, source, gateway in (("-4", self.ROUTER4_S2, self.SERVER4_2),
+                                        ("-6", self.ROUTER6_S2, self.SERVER6_2)):
+                self.run(ns, "ip", ip, "rule", "add", "from", source, "lookup", self.SECOND_TABLE)
+                self.run(ns, "ip", ip, "route", "add", "default", "via", gateway, "dev", dev,
+                         "table", self.SECOND_TABLE)
         for addr in addrs:
             self.run(ns, "ip", "mptcp", "endpoint", "add", addr, "dev", dev, self.endpoints)
 

@@ -7,7 +7,16 @@ seconds through tcp-interceptd; the sink in the server namespace measures
 the rate and says how many subflows the connection had and where each came
 from. Without -M the intercepted connection is plain TCP on one link; with
 -M the router's side is MPTCP and the kernel adds a subflow on the second
-link, with or without -B client.
+link, with or without -B client. Last, the other way to get there: the
+server announces nothing, the router has a ``subflow`` endpoint on its
+second uplink.
+
+With -B client only the first subflow carries the client's address: the
+kernel's in-kernel path manager opens the others from the router's own
+addresses (its endpoint, or the source routing picks towards an announced
+address), never from the first subflow's spoofed one. So the server needs
+no policy routing, and sees the router's address on every subflow but the
+first.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import os
 
 import pytest
 
+from .intercept import Daemon
 from .mptcp_world import MptcpSink, MptcpWorld, Transfer, upload
 
 SECONDS = 3.0
@@ -58,10 +68,19 @@ def one_link(topo, sink, start_module_daemon) -> Transfer:
     return through_daemon(topo, sink, start_module_daemon)
 
 
-def link(address: str) -> int:
-    """Which router-server link a subflow used, from the server's side of it."""
-    return {"10.91.2.2": 1, "[fd91:2::2]": 1, "10.91.3.2": 2, "[fd91:3::2]": 2}[
-        address.rsplit(":", 1)[0]]
+def host(address: str) -> str:
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def link(path: tuple[str, str]) -> int:
+    """Which router-server link a subflow (server's end, router's end) used.
+
+    The router's end tells: what leaves from its rs2 address goes out on rs2
+    and the server answers it through s1 (connected route); anything else
+    (its rs address, the spoofed client's) goes out on rs and comes back
+    through the server's default route.
+    """
+    return 2 if host(path[1]) in (MptcpWorld.ROUTER4_S2, MptcpWorld.ROUTER6_S2) else 1
 
 
 def test_without_mptcp_one_link(topo, one_link):
@@ -73,7 +92,7 @@ def test_without_mptcp_one_link(topo, one_link):
 def bonded(transfer: Transfer, one_link: Transfer) -> None:
     """An MPTCP connection with a subflow on each link, at least BONDED x one link."""
     assert transfer.mptcp and transfer.subflows >= 2, transfer
-    assert {link(local) for local, _ in transfer.paths} == {1, 2}, transfer
+    assert {link(path) for path in transfer.paths} == {1, 2}, transfer
     assert transfer.mbit >= BONDED * one_link.mbit, (transfer, one_link)
 
 
@@ -86,12 +105,12 @@ def test_mptcp_bonds_both_links(topo, sink, start_daemon, one_link):
 def test_mptcp_spoofing_the_client_bonds_both_links(topo, sink, start_daemon, one_link):
     """The server's accept() gives the client's address, but only the first
     subflow carries it: the one on the second link comes from the router's
-    own address there, which the kernel's path manager picks by routing (the
-    client's address is no address of the router's to open a subflow from)."""
+    own address there, the source routing picks towards the address the
+    server announced."""
     transfer = through_daemon(topo, sink, start_daemon, "-M", "-B", "client")
     bonded(transfer, one_link)
     assert transfer.peer[0] == topo.CLIENT4
-    remotes = {(link(local), remote.rsplit(":", 1)[0]) for local, remote in transfer.paths}
+    remotes = {(link(path), host(path[1])) for path in transfer.paths}
     assert remotes == {(1, topo.CLIENT4), (2, topo.ROUTER4_S2)}, transfer
 
 
@@ -99,3 +118,22 @@ def test_mptcp_spoofing_the_client_over_ipv6(topo, sink, start_daemon, one_link)
     transfer = through_daemon(topo, sink, start_daemon, "-M", "-B", "client", ipv6=True)
     bonded(transfer, one_link)
     assert transfer.peer[0] == topo.CLIENT6
+
+
+@pytest.fixture(scope="module")
+def subflow_world():
+    """The router opens the second subflow from its own endpoint on its
+    second uplink; the server announces nothing."""
+    with MptcpWorld(endpoints="subflow") as world, MptcpSink(world) as sink:
+        yield world, sink
+
+
+def test_mptcp_router_subflow_endpoint_bonds_both_links(subflow_world, one_link, tmp_path):
+    world, sink = subflow_world
+    # Stopped in through_daemon; if it fails first, when the world goes down.
+    def start(*args, **kw):
+        return Daemon(world, *args, workdir=tmp_path, **kw).start()
+    transfer = through_daemon(world, sink, start, "-M", "-B", "client")
+    bonded(transfer, one_link)
+    remotes = {(link(path), host(path[1])) for path in transfer.paths}
+    assert remotes == {(1, world.CLIENT4), (2, world.ROUTER4_S2)}, transfer
