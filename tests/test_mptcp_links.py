@@ -22,11 +22,14 @@ first.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 from .intercept import Daemon
-from .mptcp_world import MptcpSink, MptcpWorld, Transfer, upload
+from .mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload
+from .netns import wait_for
+from .test_ss_view import ss
 
 SECONDS = 3.0
 ONE_LINK = (150, 205)  # Mbit/s a single TCP flow gets through a 200 Mbit/s token bucket
@@ -137,3 +140,31 @@ def test_mptcp_router_subflow_endpoint_bonds_both_links(subflow_world, one_link,
     bonded(transfer, one_link)
     remotes = {(link(path), host(path[1])) for path in transfer.paths}
     assert remotes == {(1, world.CLIENT4), (2, world.ROUTER4_S2)}, transfer
+
+
+def test_ss_shows_the_options_on_every_subflow(topo, sink, start_daemon):
+    """The operator's view: -C and keepalive reach each subflow of the
+    router's MPTCP socket, and `ss -M` counts the additional subflows."""
+    daemon = start_daemon("-M", "-B", "client", "-C", "cubic", "--client-congestion", "reno",
+                          "--keepalive-idle", "30", "--keepalive-interval", "7",
+                          "--keepalive-count", "4")
+    with topo.connect(topo.cli, topo.SERVER4, SINK_PORT) as sock:
+        sock.sendall(bytes(100_000))
+
+        def subflows():
+            found = [line for line in ss(topo) if f"pid={daemon.pid}," in line.owner
+                     and "tcp-ulp-mptcp" in line.info]
+            return found if len(found) == 2 else None
+        found = wait_for(subflows, 5, "two subflows in the router's ss")
+        assert {host(line.local) for line in found} == {topo.CLIENT4, topo.ROUTER4_S2}
+        for line in found:
+            assert line.congestion == "cubic", line
+            assert line.timer[0] == "keepalive" and 20 < line.timer[1] <= 30, line
+        [accepted] = [line for line in ss(topo) if f"pid={daemon.pid}," in line.owner
+                      and line.local == f"{topo.SERVER4}:{SINK_PORT}"]
+        assert accepted.congestion == "reno"
+        mptcp = topo.run(topo.rtr, "ss", "-HMi", "state", "established").stdout
+        assert "subflows:1 " in mptcp, mptcp
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)
+    assert sink.transfer().subflows == 2
