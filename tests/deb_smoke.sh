@@ -129,7 +129,10 @@ fi
 
 say "building the package"
 mkdir "$WORK/src"
-(cd "$REPO" && git ls-files -z | tar --null -T - -c) | tar -x -C "$WORK/src"
+# The tracked files as they are in the working tree (less those deleted).
+(cd "$REPO" && git ls-files -z | while IFS= read -r -d '' f; do
+	[ ! -e "$f" ] || printf '%s\0' "$f"
+done | tar --null -T - -c) | tar -x -C "$WORK/src"
 if ! (cd "$WORK/src" && dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
 	tail -n 40 "$WORK/build.log" >&2
 	fail "dpkg-buildpackage"
@@ -173,6 +176,11 @@ for bin in tcp-interceptd tcp-intercept; do
 		*) fail "$bin -V: $out" ;;
 	esac
 done
+version=$(dpkg-deb -f "$DEB" Version)
+case $(/usr/sbin/tcp-interceptd -V) in
+	"tcp-intercept version $version"$'\n'*) ;;
+	*) fail "tcp-interceptd -V is not the package's version $version" ;;
+esac
 module=$(cd / && /usr/bin/python3 -c 'import tcp_intercept; print(tcp_intercept.__file__)')
 [ "$module" = /usr/lib/python3/dist-packages/tcp_intercept/__init__.py ] || fail "tcp_intercept from $module"
 for page in tcp-interceptd tcp-intercept; do

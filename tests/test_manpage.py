@@ -66,6 +66,13 @@ def test_manpage_lists_every_option_of_help_and_no_other():
     assert manpage_options() == help_options()
 
 
+def test_manpage_is_of_this_version():
+    from tcp_intercept import __version__
+
+    title = next(line for line in MANPAGE.read_text().splitlines() if line.startswith(".TH "))
+    assert f'"tcp-intercept {__version__}"' in title
+
+
 def test_tcp_intercept_page_is_the_same_page():
     assert (MANPAGE.parent / "tcp-intercept.8").read_text() == ".so man8/tcp-interceptd.8\n"
 
