@@ -61,7 +61,9 @@ Options:
                           iptables is the legacy (non-nf_tables) variant, whose
                           users look for rules in iptables-save; otherwise
                           iptables. Without --backend, down and status act on
-                          both backends, whichever installed the rules.
+                          both backends, whichever installed the rules; with
+                          it, only on that one's (down removes our policy
+                          routing either way).
   --family 4|6|all        address families (default all)
   --port N                the daemon's listening port (default 5000)
   --mark MARK[/MASK]      firewall mark for intercepted packets and its mask
@@ -72,7 +74,8 @@ Options:
 up installs the rules, or replaces ours with the options given; it is
 idempotent. down removes everything this script installed in the families
 chosen, whatever options up had; with nothing installed it does nothing.
-status prints what is installed.
+status prints what is installed. Start the daemon before up: like the
+original's TPROXY rule, the rules drop forwarded TCP that no daemon takes.
 
 Exit status: 0 success (status: installed), 1 error, 3 (status) not
 installed or incomplete, 64 bad command line.
