@@ -47,8 +47,9 @@ Options:
                                   you should take care that the return packets
                                   pass through this process again!
   --log -l file                   Log to file (reopened on SIGHUP)
-  -q --quiet                      Log no per-connection lines, only start-up,
-                                  warnings and errors
+  -q --quiet                      Log no per-connection lines (nor a peer's
+                                  reset or refusal): only start-up, shutdown,
+                                  warnings and the daemon's own errors
   --congestion -C algo            Congestion control of the outgoing
                                   (router to server) sockets
   --client-congestion algo        Congestion control of the accepted

@@ -72,8 +72,7 @@ class Connection:
         try:
             self._connect()
         except OSError as err:
-            log.warning("{}: connect to server failed: {}", self.id, err.strerror or err)
-            self.abort()
+            self._connect_failed(err.strerror or err)
         except Exception as err:
             self._fail(None, err)
 
@@ -120,8 +119,7 @@ class Connection:
         try:
             error = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                log.warning("{}: connect to server failed: {}", self.id, strerror(error))
-                self.abort()
+                self._connect_failed(strerror(error))
                 return
             if self.ctx.log_connections:
                 log.info("{}: server accepted connection, splicing", self.id)
@@ -183,12 +181,19 @@ class Connection:
             watcher.events = mask
             watcher.start(callback, EVENTS)
 
+    def _connect_failed(self, why) -> None:
+        if self.ctx.log_connections:
+            log.warning("{}: connect to server failed: {}", self.id, why)
+        self.abort()
+
     def _fail(self, relay: Relay | None, err: Exception) -> None:
+        """What a peer did (a reset, a vanished peer) is a per-connection line,
+        silenced by -q like the others; a bug in here is always logged."""
         where = f"{self.id} {relay.name}" if relay is not None else self.id
-        if isinstance(err, OSError):
-            log.error("{}: Error: {}", where, err.strerror or err)
-        else:
+        if not isinstance(err, OSError):
             log.opt(exception=err).error("{}: internal error, closing", where)
+        elif self.ctx.log_connections:
+            log.error("{}: Error: {}", where, err.strerror or err)
         self.abort()
 
     def abort(self) -> None:

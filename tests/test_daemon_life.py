@@ -7,7 +7,9 @@ import os
 import signal
 from pathlib import Path
 
-from .peers import ECHO, exchange, payload, sha256
+import pytest
+
+from .peers import ECHO, RESET, exchange, payload, sha256
 from .topology import pid_alive, wait_for
 
 
@@ -81,8 +83,18 @@ def test_sighup_reopens_the_log_file(topo, peers, start_daemon):
 def test_quiet_logs_start_up_but_no_connections(topo, peers, start_daemon):
     daemon = start_daemon("-q")
     relay_once(topo, peers, seed=30)
+    # A peer's reset and a refused connect are per-connection news too.
+    with topo.connect(topo.cli, topo.SERVER4, RESET) as sock:
+        sock.sendall(b"x" * 100)
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+    with pytest.raises(ConnectionResetError):
+        with topo.connect(topo.cli, topo.SERVER4, 7999) as sock:
+            sock.recv(1)
+    daemon.stop()
     assert daemon.lines("starting up") and daemon.lines("Listening on [0.0.0.0]:5000")
-    assert not daemon.lines("Connection intercepted") and not daemon.lines("closed")
+    assert not [line for line in daemon.lines("") if "-->" in line], daemon.output()
 
 
 def test_pid_file_held_by_a_running_daemon_fails_with_71(topo, start_daemon):
