@@ -143,7 +143,8 @@ DEB=$(echo "$WORK"/tcp-intercept_*_all.deb)
 # -- 2. install ---------------------------------------------------------------
 
 say "installing $(basename "$DEB") with apt"
-# The postinst would start the daemon in the host's namespace: not here.
+# The postinst (install, dpkg-reconfigure) would start the daemon in the
+# host's namespace: not here. Removed on exit.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
 	printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
 	chmod 755 /usr/sbin/policy-rc.d
@@ -156,13 +157,12 @@ if ! apt-get install -y -qq -o DPkg::Lock::Timeout=300 "$DEB" >"$WORK/install.lo
 	cat "$WORK/install.log" >&2
 	fail "apt-get install $DEB"
 fi
-if [ -n "$OUR_POLICY_RC_D" ]; then
-	rm -f /usr/sbin/policy-rc.d
-	OUR_POLICY_RC_D=
-fi
-if [ -d /run/systemd/system ]; then
-	systemctl stop tcp-intercept.service 2>/dev/null || true
-fi
+host_service_stopped() { # in case the host's systemd ignored policy-rc.d
+	if [ -d /run/systemd/system ]; then
+		systemctl stop tcp-intercept.service 2>/dev/null || true
+	fi
+}
+host_service_stopped
 
 # -- 3. what was installed ----------------------------------------------------
 
@@ -201,6 +201,7 @@ sed -i -e 's/^BIND_OUTGOING=.*/BIND_OUTGOING=client/' -e 's/^CONTROL_NETWORK=.*/
 	-e 's/^CONTROL_IPTABLES=.*/CONTROL_IPTABLES=1/' "$DEFAULTS"
 echo '# a line of our own' >>"$DEFAULTS"
 dpkg-reconfigure -f noninteractive tcp-intercept >/dev/null 2>&1 || fail "dpkg-reconfigure"
+host_service_stopped
 grep -qx 'BIND_OUTGOING="client"' "$DEFAULTS" || fail "dpkg-reconfigure lost BIND_OUTGOING=client"
 grep -qx 'CONTROL_NETWORK=1' "$DEFAULTS" && grep -qx '# a line of our own' "$DEFAULTS" ||
 	fail "dpkg-reconfigure changed other lines of $DEFAULTS"
