@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Bonding two uplinks with -M, measured: one command, about half a minute.
 
-    .venv/bin/python bench/mptcp.py [--seconds S] [--rate RATE]
+    .venv/bin/python bench/mptcp.py [--seconds S] [--rate RATE] [--burst B] [--latency L]
 
 Builds the world of tests/mptcp_world.py (router and server joined by two
-links, each shaped to RATE with tc tbf both ways; the server listens with
+links, each shaped to RATE with tc tbf both ways, a bucket of B and up to L
+of queue; the server listens with
 MPTCP and announces its second address) and uploads from a plain TCP client
 in the client namespace for S seconds per case:
 
@@ -13,6 +14,11 @@ in the client namespace for S seconds per case:
     -M              outgoing MPTCP
     -M -B client    outgoing MPTCP bound to the client's address
     -C cubic/reno   the congestion control of the router->server socket
+                    (and of each subflow, with -M)
+
+An IPv6 connection gets three subflows: the router accepts the server's
+IPv4 announcement too, so two subflows share the second link. With a
+shallow queue (--burst 64kb --latency 1ms) that case shows what -C changes.
 
 Prints the rate at the server (bytes from first to last / time), that rate
 over the one-link rate (the daemon row), the subflows the server's MPTCP
@@ -20,7 +26,8 @@ socket had, the address the server's accept() gave, and the smoothed RTT
 that `ss -ti` showed for the sending sockets while the client sent (the
 mean of samples 0.2 s apart, subflows included): a token bucket
 queues up to 20 ms, and what the congestion control does with that queue is
-the delay every other flow on the link suffers. Needs root; touches nothing
+the delay every other flow on the link suffers; and how many packets the
+token buckets dropped. Needs root; touches nothing
 outside its own namespaces; bounded in time (SIGALRM).
 """
 
@@ -42,6 +49,7 @@ from tests.mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload
 from tests.topology import Daemon  # noqa: E402
 
 RTT = re.compile(r"\brtt:([\d.]+)/")
+DROPPED = re.compile(r"\(dropped (\d+),")
 # (label, daemon arguments or None for the direct path, IPv6)
 CASES = [
     ("direct (no daemon)", None, False),
@@ -52,6 +60,8 @@ CASES = [
     ("daemon -C cubic", ("-C", "cubic"), False),
     ("daemon -C reno", ("-C", "reno"), False),
     ("daemon -C bbr", ("-C", "bbr"), False),
+    ("daemon -M -C cubic", ("-M", "-C", "cubic"), False),
+    ("daemon -M -C cubic, IPv6", ("-M", "-C", "cubic"), True),
 ]
 
 
@@ -60,6 +70,13 @@ class Row:
     label: str
     transfer: Transfer
     rtt_ms: float | None
+    drops: int
+
+
+def uplink_drops(world: MptcpWorld) -> int:
+    """Packets the token buckets of the router's two uplinks dropped so far."""
+    return sum(int(n) for dev in ("rs", "rs2") for n in DROPPED.findall(
+        world.run(world.rtr, "tc", "-s", "qdisc", "show", "dev", dev).stdout))
 
 
 def sender_rtt(world: MptcpWorld, ns: str) -> float | None:
@@ -89,6 +106,7 @@ def measure(world: MptcpWorld, sink: MptcpSink, label: str, args, ipv6: bool,
                 rtts.append(rtt)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    drops = uplink_drops(world)
     sampler.start()
     try:
         upload(world, world.SERVER6 if ipv6 else world.SERVER4, seconds=seconds)
@@ -100,41 +118,50 @@ def measure(world: MptcpWorld, sink: MptcpSink, label: str, args, ipv6: bool,
     finally:
         if daemon:
             daemon.stop()
-    return Row(label, transfer, sum(rtts) / len(rtts) if rtts else None)
+    drops = uplink_drops(world) - drops
+    return Row(label, transfer, sum(rtts) / len(rtts) if rtts else None, drops)
 
 
-def print_table(rows: list[Row], rate: str) -> None:
+def print_table(rows: list[Row], rate: str, default_cc: str) -> None:
     one_link = next(r.transfer.mbit for r in rows if r.label == "daemon")
-    print(f"\nUpload from a plain TCP client, two router-server links of {rate} each:\n")
+    print(f"\nUpload from a plain TCP client, two router-server links of {rate} each "
+          f"(default congestion control: {default_cc}):\n")
     print(f"{'case':<28}{'Mbit/s':>8}{'x 1 link':>10}{'subflows':>10}  "
-          f"{'server saw':<12}{'RTT ms':>8}")
+          f"{'server saw':<12}{'RTT ms':>8}{'drops':>7}")
     for row in rows:
         t = row.transfer
         rtt = f"{row.rtt_ms:8.1f}" if row.rtt_ms is not None else f"{'-':>8}"
         print(f"{row.label:<28}{t.mbit:8.0f}{t.mbit / one_link:10.2f}{t.subflows:10d}  "
-              f"{t.peer[0]:<12}{rtt}")
-    print("\nsubflows: the most the server's MPTCP socket had at once (1: plain TCP).")
+              f"{t.peer[0]:<12}{rtt}{row.drops:7d}")
+    print("\nsubflows: the most the server's MPTCP socket had at once (1: plain TCP).\n"
+          "RTT: the sending sockets' smoothed RTT under load (the links' own is 0.05 ms).\n"
+          "drops: packets the token buckets on the router's uplinks dropped.")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="upload time per case")
     parser.add_argument("--rate", default="200mbit", help="each link's rate (tc syntax)")
+    parser.add_argument("--burst", default="256kb", help="each token bucket's size")
+    parser.add_argument("--latency", default="20ms", help="each token bucket's queue, in time")
     opts = parser.parse_args(argv)
     limit = int(len(CASES) * (opts.seconds + 15) + 30)
     signal.signal(signal.SIGALRM, lambda *_: sys.exit(f"bench/mptcp.py: over {limit} s"))
     signal.alarm(limit)
     rows = []
     with (tempfile.TemporaryDirectory() as workdir,
-          MptcpWorld(rate=opts.rate, tproxy=False) as world, MptcpSink(world) as sink):
+          MptcpWorld(rate=opts.rate, burst=opts.burst, latency=opts.latency,
+                     tproxy=False) as world, MptcpSink(world) as sink):
         for label, args, ipv6 in CASES:
             if args is not None and not world.tproxy:
                 world.install_tproxy()
                 world.tproxy = True
             rows.append(measure(world, sink, label, args, ipv6, opts.seconds, Path(workdir)))
             print(f"  {label}: {rows[-1].transfer.mbit:.0f} Mbit/s", file=sys.stderr, flush=True)
+        default_cc = world.run(world.rtr, "sysctl", "-n",
+                               "net.ipv4.tcp_congestion_control").stdout.strip()
     signal.alarm(0)
-    print_table(rows, opts.rate)
+    print_table(rows, f"{opts.rate} (burst {opts.burst}, queue {opts.latency})", default_cc)
     return 0
 
 

@@ -68,25 +68,25 @@ CHUNK = 256 * 1024
 class MptcpWorld(Topology):
     """A Topology whose router and server are joined by two shaped links.
 
-    rate (tc tbf syntax) limits each direction of each router-server link;
+    rate (tc tbf syntax) limits each direction of each router-server link,
+    with a bucket of burst (it must hold a 64 KB GSO packet; 256 KB lets one
+    TCP flow reach 96% of the rate) and up to latency of queue;
     endpoints is "signal" or "subflow" (see above), or None to leave MPTCP
     unconfigured (one path only).
     """
 
     ROUTER4_S2, SERVER4_2 = "10.91.3.1", "10.91.3.2"
     ROUTER6_S2, SERVER6_2 = "fd91:3::1", "fd91:3::2"
-    # burst: the bucket must hold a 64 KB GSO packet; 20 ms of queue is a
-    # BDP at 200 Mbit/s for a 1-2 ms RTT with room to spare.
-    TBF = ("burst", "256kb", "latency", "20ms")
     SECOND_TABLE = "913"  # the router's routes for what leaves from its rs2 address
 
     def __init__(self, port: int = 5000, rate: str = "200mbit", endpoints: str | None = "signal",
-                 tproxy: bool = True):
+                 tproxy: bool = True, burst: str = "256kb", latency: str = "20ms"):
         super().__init__(port=port, tproxy=tproxy)
         if endpoints not in ("signal", "subflow", None):
             raise ValueError(f"endpoints: {endpoints!r}")
         self.rate = rate
         self.endpoints = endpoints
+        self.tbf = ("rate", rate, "burst", burst, "latency", latency)
 
     def up(self) -> None:
         super().up()
@@ -95,8 +95,7 @@ class MptcpWorld(Topology):
         self._address(self.rtr, "rs2", f"{self.ROUTER4_S2}/24", f"{self.ROUTER6_S2}/64")
         self._address(self.srv, "s1", f"{self.SERVER4_2}/24", f"{self.SERVER6_2}/64")
         for ns, dev in ((self.rtr, "rs"), (self.srv, "s0"), (self.rtr, "rs2"), (self.srv, "s1")):
-            self.run(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
-                     "rate", self.rate, *self.TBF)
+            self.run(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", *self.tbf)
         if self.endpoints:
             self.configure_mptcp()
 
