@@ -321,6 +321,27 @@ status=0
 in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
 [ "$status" = 3 ] || fail "rules installed for a daemon that did not start"
 
+say "the unit's commands (systemd-helper): firewall-up, daemon, firewall-down"
+sed -i '/^DAEMON_OPTS="--no-such-option"$/d' "$DEFAULTS"
+HELPER=/usr/lib/tcp-intercept/systemd-helper
+in_ns "$NS_R" "$HELPER" firewall-up || fail "systemd-helper firewall-up: exit status $?"
+in_ns "$NS_R" "$TPROXY" status >/dev/null || fail "systemd-helper firewall-up installed no rules"
+ip netns exec "$NS_R" "$HELPER" daemon 2>"$WORK/unit.err" & # ip and sh exec: $! is the daemon
+unit=$!
+wait_for 10 "foreground daemon's pid file" our_daemon
+[ "$(our_daemon)" = "$unit" ] || fail "systemd-helper daemon: the pid file is not its own pid (no exec?)"
+check_relayed
+kill -TERM "$unit"
+exited() { case $(ps -o stat= -p "$1") in "" | Z*) return 0 ;; *) return 1 ;; esac; }
+wait_for 10 "exit of the foreground daemon on SIGTERM" exited "$unit"
+status=0
+wait "$unit" || status=$?
+[ "$status" = 0 ] || fail "the foreground daemon exited $status on SIGTERM: $(cat "$WORK/unit.err")"
+in_ns "$NS_R" "$HELPER" firewall-down || fail "systemd-helper firewall-down: exit status $?"
+status=0
+in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
+[ "$status" = 3 ] || fail "systemd-helper firewall-down left rules (tproxy.sh status $status)"
+
 # -- 5. purge -----------------------------------------------------------------
 
 say "apt-get purge"
