@@ -13,11 +13,12 @@
 #      CONTROL_NETWORK=1 CONTROL_IPTABLES=1: start (tproxy.sh installs the
 #      rules), a connection relayed with the client's address, status,
 #      reload and logrotate (SIGHUP, same pid), a start that fails with the
-#      daemon's own status, stop (rules gone, status 3);
+#      daemon's own status, stop (rules gone, status 3); then what
+#      tcp-intercept.service runs (systemd-helper), as systemd is not there;
 #   5. apt-get purge, and check that nothing is left.
 #
-# Everything it creates is removed on exit, failed or not. About a minute
-# once the build dependencies are installed.
+# Everything it creates is removed on exit, failed or not. About 25 s once
+# the build dependencies are installed.
 set -euo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin # Debian's python3, not a pyenv one
 export DEBIAN_FRONTEND=noninteractive
