@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MANPAGE = ROOT / "man" / "tcp-interceptd.8"
@@ -78,16 +77,14 @@ def test_tcp_intercept_page_is_the_same_page():
 
 
 def test_manpage_renders_without_warnings():
-    if shutil.which("groff") is None:
-        pytest.skip("groff is not installed")
+    assert shutil.which("groff") and shutil.which("man"), "scripts/setup.sh installs groff and man"
     result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(MANPAGE)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert result.stderr == ""
-    if shutil.which("man") is not None:
-        result = subprocess.run(["man", "--warnings", "-l", str(MANPAGE)],
-                                capture_output=True, text=True, timeout=60,
-                                env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"})
-        assert result.returncode == 0
-        assert result.stderr == ""
-        assert "--bind-outgoing" in result.stdout.replace("\u2010", "-")
+    result = subprocess.run(["man", "--warnings", "-l", str(MANPAGE)],
+                            capture_output=True, text=True, timeout=60,
+                            env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0
+    assert result.stderr == ""
+    assert "--bind-outgoing" in result.stdout.replace("\u2010", "-")
