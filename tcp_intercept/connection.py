@@ -17,6 +17,7 @@ Life of a connection:
 
 from __future__ import annotations
 
+import _socket  # as the listener's accepted sockets: see there
 import errno
 import socket
 import struct
@@ -82,7 +83,7 @@ class Connection:
 
     def _connect(self) -> None:
         ctx = self.ctx
-        self.server = server = socket.socket(self.client.family, SOCK_FLAGS, ctx.server_proto)
+        self.server = server = _socket.socket(self.client.family, SOCK_FLAGS, ctx.server_proto)
         for level, option, value in ctx.server_options:
             server.setsockopt(level, option, value)
         if ctx.spoof_client:

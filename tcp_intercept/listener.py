@@ -9,6 +9,7 @@ so it is dropped.
 
 from __future__ import annotations
 
+import _socket  # the C socket: no per-object Python __init__, int attributes
 import errno
 import socket
 
@@ -102,7 +103,7 @@ class Listener:
                 self.backing_off = False
                 self.timer.stop()
                 log.info("Accepting connections again ({} open)", len(self.ctx.table))
-            client = socket.socket(family, socket.SOCK_STREAM, proto, fd)
+            client = _socket.socket(family, socket.SOCK_STREAM, proto, fd)
             try:
                 client.setblocking(False)
                 dst = client.getsockname()
