@@ -157,7 +157,8 @@ def daemon_report(daemon: Daemon) -> dict:
     found["exit_status"] = daemon.stop()
     lines = daemon.output().splitlines()
     problems = [line for line in lines if any(word in line for word in PROBLEMS)]
-    # iperf3 resets its data connections when a test ends; the daemon logs each.
+    # iperf3 resets its data connections when a test ends; without -q the
+    # daemon logs each of those resets.
     found["problem_lines"] = len(problems)
     iperf3 = f"-->[{Topology.SERVER4}]:{IPERF_PORT}"
     found["problem_lines_not_iperf3"] = sum(iperf3 not in line for line in problems)
