@@ -67,3 +67,17 @@ def test_without_the_capability_it_says_which_and_exits_71(topo, drop):
     assert result.returncode == 71, result.stdout + result.stderr
     [error] = [line for line in result.stderr.splitlines() if "ERROR" in line]
     assert "IP_TRANSPARENT" in error and "CAP_NET_ADMIN" in error
+
+
+@pytest.mark.parametrize("option", ["-M", "--mptcp-listen"])
+def test_mptcp_switched_off_in_the_kernel_is_refused_with_64(topo, option):
+    """net.mptcp.enabled is per namespace: 0 in the router makes the kernel refuse
+    IPPROTO_MPTCP sockets there, as a kernel without MPTCP does."""
+    topo.run(topo.rtr, "sysctl", "-qw", "net.mptcp.enabled=0")
+    try:
+        result = topo.run(topo.rtr, sys.executable, "-m", "tcp_intercept", "-f", option,
+                          check=False, cwd=str(REPO), env={"PYTHONPATH": str(REPO)})
+    finally:
+        topo.run(topo.rtr, "sysctl", "-qw", "net.mptcp.enabled=1")
+    assert result.returncode == 64, result.stdout + result.stderr
+    assert "Multipath TCP is not available" in result.stderr.splitlines()[0]
