@@ -110,7 +110,7 @@ class Listener:
             except OSError:
                 client.close()
                 continue
-            if self._aimed_at_us(dst):
+            if dst[1] == self.port and self._aimed_at_us(dst):
                 log.warning("{}-->{}: Connection directly to us, dropping",
                             format_sockaddr(peer), format_sockaddr(dst))
                 client.close()
@@ -118,8 +118,7 @@ class Listener:
             Connection(self.ctx, client, peer, dst)
 
     def _aimed_at_us(self, dst: tuple) -> bool:
-        if dst[1] != self.port:
-            return False
+        """Whether dst, an address on our port, is our own listening address."""
         if not self.wildcard:
             return dst[0] == self.host
         # Bound to the wildcard: any local address on our port is us. An

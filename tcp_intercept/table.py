@@ -25,7 +25,7 @@ class ConnectionTable:
         return key
 
     def remove(self, key: int) -> None:
-        self._live.pop(key, None)
+        del self._live[key]
 
     def __len__(self) -> int:
         return len(self._live)
