@@ -147,8 +147,8 @@ class Connection:
             return
         relay = inbound
         try:
-            if events & READ and inbound.on_readable() and self.ctx.log_connections:
-                log.info("{} {}: EOF", self.id, inbound.name)
+            if events & READ:
+                self._read(inbound)
             if events & WRITE:
                 relay = outbound
                 outbound.on_writable()
@@ -161,11 +161,7 @@ class Connection:
             log.info("{} {}: EOF", self.id, relay.name)
 
     def _update(self) -> None:
-        """The one place that decides what each socket waits for.
-
-        It runs after every event of every connection: the watchers are
-        re-armed inline, not through a helper (a call costs more here than
-        the re-arming does)."""
+        """The one place that decides what each socket waits for."""
         c2s, s2c = self.c2s, self.s2c
         if c2s.done and s2c.done:
             self.close()
@@ -174,18 +170,17 @@ class Connection:
         smask = (READ if s2c.reading else 0) | (WRITE if c2s.writing else 0)
         if cmask != self.cmask:
             self.cmask = cmask
-            watcher = self.cw
-            watcher.stop()
-            if cmask:
-                watcher.events = cmask
-                watcher.start(self._on_client, EVENTS)
+            self._arm(self.cw, cmask, self._on_client)
         if smask != self.smask:
             self.smask = smask
-            watcher = self.sw
-            watcher.stop()
-            if smask:
-                watcher.events = smask
-                watcher.start(self._on_server, EVENTS)
+            self._arm(self.sw, smask, self._on_server)
+
+    @staticmethod
+    def _arm(watcher, mask: int, callback) -> None:
+        watcher.stop()
+        if mask:
+            watcher.events = mask
+            watcher.start(callback, EVENTS)
 
     def _connect_failed(self, why) -> None:
         if self.ctx.log_connections:

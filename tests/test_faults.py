@@ -27,12 +27,7 @@ class PlantedBugDaemon(Daemon):
 
 def echo(sock: socket.socket, data: bytes) -> bytes:
     sock.sendall(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = sock.recv(len(data) - len(got))
-        assert chunk, f"EOF after {len(got)} of {len(data)} echoed bytes"
-        got += chunk
-    return got
+    return sock.recv(len(data), socket.MSG_WAITALL)
 
 
 def test_a_bug_in_one_connection_closes_that_connection_only(topo, peers, tmp_path):
