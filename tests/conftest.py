@@ -22,7 +22,9 @@ _RUNNING: list[Daemon] = []
 REPORT_LINES = 200
 
 
-def _need_root() -> None:
+def need_root() -> None:
+    """Fail (not skip) a test that needs namespaces when not root; modules with
+    a world of their own call it too."""
     if os.geteuid() != 0:
         pytest.fail("the integration tests build network namespaces and run the "
                     "daemon with IP_TRANSPARENT: run them as root", pytrace=False)
@@ -31,7 +33,7 @@ def _need_root() -> None:
 @pytest.fixture(scope="module")
 def topo():
     """Client, router (TPROXY to port 5000) and server namespaces."""
-    _need_root()
+    need_root()
     with Topology() as world:
         yield world
 

@@ -10,12 +10,12 @@ after it, and the JSON written where --out says.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+from .conftest import need_root
 from .topology import REPO
 
 BOUND = 120  # seconds for the whole smoke run, teardown included
@@ -28,8 +28,7 @@ ERRORS = ("rate_errors", "idle_errors", "concurrent_errors")
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("the bench builds network namespaces: run it as root", pytrace=False)
+    need_root()
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke",
                              "--concurrent", "200", "--out", str(out)],

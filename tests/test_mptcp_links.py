@@ -21,11 +21,11 @@ first.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import pytest
 
+from .conftest import need_root
 from .intercept import Daemon
 from .mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload
 from .netns import wait_for
@@ -39,8 +39,7 @@ BONDED = 1.8           # at least this many times the one-link rate with -M
 @pytest.fixture(scope="module")
 def topo():
     """The two-link world; the conftest daemon fixtures start daemons in it."""
-    if os.geteuid() != 0:
-        pytest.fail("building namespaces needs root", pytrace=False)
+    need_root()
     with MptcpWorld() as world:
         yield world
 

@@ -89,6 +89,15 @@ def dead_server_link(topo, outgoing: SsLine):
         topo.run(topo.srv, "iptables", "-w", "-D", *rule, check=False)
 
 
+def wait_for_timer(topo, daemon, sock: socket.socket, kind: str, timeout: float,
+                   what: str) -> None:
+    """Until ss shows the outgoing socket's timer `kind` fired at least once."""
+    def fired():
+        _, now = sides(topo, daemon, sock.getsockname()[1])
+        return now.timer and now.timer[0] == kind and now.timer[2] >= 1
+    wait_for(fired, timeout, f"ss to show {what}")
+
+
 def reset_within(sock: socket.socket, seconds: float) -> float:
     """Seconds until the daemon resets the client; fails after `seconds`."""
     sock.settimeout(seconds)
@@ -127,10 +136,7 @@ def test_keepalive_probes_drop_a_dead_server_link(topo, peers, start_daemon):
     with echoing(topo) as sock:
         _, outgoing = sides(topo, daemon, sock.getsockname()[1])
         with dead_server_link(topo, outgoing):
-            def probing():
-                _, now = sides(topo, daemon, sock.getsockname()[1])
-                return now.timer and now.timer[0] == "keepalive" and now.timer[2] >= 1
-            wait_for(probing, 5, "ss to show a keepalive probe sent")
+            wait_for_timer(topo, daemon, sock, "keepalive", 5, "a keepalive probe sent")
             assert 1 < reset_within(sock, 10) < 8
     assert daemon.wait_log("Connection timed out")
 
@@ -143,9 +149,6 @@ def test_user_timeout_drops_unacknowledged_data(topo, peers, start_daemon):
         _, outgoing = sides(topo, daemon, sock.getsockname()[1])
         with dead_server_link(topo, outgoing):
             sock.sendall(b"y" * 1000)
-            def retransmitting():
-                _, now = sides(topo, daemon, sock.getsockname()[1])
-                return now.timer and now.timer[0] == "on" and now.timer[2] >= 1
-            wait_for(retransmitting, 3, "ss to show a retransmission")
+            wait_for_timer(topo, daemon, sock, "on", 3, "a retransmission")
             assert 0.5 < reset_within(sock, 10) < 4
     assert daemon.wait_log("Connection timed out")

@@ -16,6 +16,7 @@ import shutil
 
 import pytest
 
+from .conftest import need_root
 from .peers import ECHO, exchange, payload, sha256
 from .topology import TPROXY_SH, Topology
 
@@ -28,8 +29,7 @@ _seeds = itertools.count(7_000_000)
 @pytest.fixture(scope="module")
 def topo():
     """This module's own topology: the router without interception rules."""
-    if os.geteuid() != 0:
-        pytest.fail("tproxy.sh needs root and network namespaces", pytrace=False)
+    need_root()
     with Topology(tproxy=False) as world:
         yield world
 
