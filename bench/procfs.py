@@ -15,19 +15,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of stat(5)
 
 
-def status_kib(pid: int, key: str) -> int:
-    """A 'kB' line of /proc/PID/status (VmRSS, VmHWM, ...)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def kib(path: str, key: str) -> int:
+    """The number of a 'Key:   123 kB' line of a /proc file; KeyError if none."""
+    for line in Path(path).read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
-    raise KeyError(key)
+    raise KeyError(f"{key} in {path}")
+
+
+def status_kib(pid: int, key: str) -> int:
+    """A line of /proc/PID/status (VmRSS, VmHWM, ...)."""
+    return kib(f"/proc/{pid}/status", key)
 
 
 def pss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    raise KeyError("Pss")
+    return kib(f"/proc/{pid}/smaps_rollup", "Pss")
 
 
 def fd_count(pid: int) -> int:
@@ -54,11 +56,4 @@ def machine() -> dict:
     return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu_model": model,
             "python": platform.python_version(),
             "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3],
-            "mem_total_kib": status_meminfo("MemTotal")}
-
-
-def status_meminfo(key: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+            "mem_total_kib": kib("/proc/meminfo", "MemTotal")}
