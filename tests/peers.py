@@ -34,6 +34,7 @@ from .topology import Topology, TopologyError, inside
 
 ECHO, DIGEST, FIRST, RESET = 7001, 7002, 7003, 7004
 PORTS = {"echo": ECHO, "digest": DIGEST, "first": FIRST, "reset": RESET}
+REFUSED = 7999  # nothing listens there in the server namespace
 GREETING = b"the server speaks first, then listens\n" * 100
 CHUNK = 256 * 1024
 

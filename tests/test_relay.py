@@ -16,12 +16,11 @@ import pytest
 
 from tcp_intercept.pipes import PipePool
 
-from .peers import (DIGEST, ECHO, FIRST, GREETING, RESET, abort, exchange, payload,
+from .peers import (DIGEST, ECHO, FIRST, GREETING, REFUSED, RESET, abort, exchange, payload,
                     read_to_eof, sha256)
 from .topology import wait_for
 
 WORLDS = [("4", "default"), ("6", "default"), ("4", "client"), ("6", "client")]
-REFUSED = 7999  # nothing listens there in the server namespace
 
 
 class World:
