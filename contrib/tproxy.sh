@@ -421,13 +421,14 @@ cmd_down() {
 }
 
 cmd_status() {
-	local fam backend installed=yes found rules routes
+	local fam backend installed=yes found rules routes usable
 	for fam in $FAMILIES; do
 		rules=$(our_rules "$fam") || exit 1
 		routes=$(our_routes "$fam") || exit 1
-		[ -n "$(backends "$fam")" ] || die "IPv$fam: neither nft nor iptables works here"
+		usable=$(backends "$fam")
+		[ -n "$usable" ] || die "IPv$fam: neither nft nor iptables works here"
 		found=
-		for backend in $(backends "$fam"); do
+		for backend in $usable; do
 			if "${backend}_installed" "$fam"; then
 				found="$found $backend"
 			fi
@@ -443,7 +444,7 @@ cmd_status() {
 		fi
 		[ -z "$rules" ] || printf '%s\n' "$rules" | sed 's/^/  ip rule:  /'
 		[ -z "$routes" ] || printf '%s\n' "$routes" | sed 's/^/  ip route: /'
-		for backend in $(backends "$fam"); do
+		for backend in $usable; do
 			"${backend}_show" "$fam"
 		done
 	done
