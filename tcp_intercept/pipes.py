@@ -1,11 +1,14 @@
 """The pipe pool: kernel pipes lent to relays while they splice.
 
-A relay needs a pipe only while bytes are in flight between its two sockets,
-so an idle connection holds none. A pipe comes back to the pool empty; one
-that still holds bytes (its connection died mid-transfer) is closed instead.
-The pool keeps at most `max_free` pipes, and trim(), called periodically,
-closes those that no relay needed since the last call: after a burst the
-daemon's descriptors go back to what its connections hold.
+A relay needs a pipe only while its stream is busy, so an idle connection
+holds none. reclaim(), called periodically, takes the pipe back from every
+borrower that left it empty and moved nothing since the previous call; a
+busy stream keeps its pipe across bursts instead of copying the start of
+each one. A pipe comes back to the pool empty; one that still holds bytes
+(its connection died mid-transfer) is closed instead. The pool keeps at most
+`max_free` pipes, and trim() closes those that nobody took since the last
+call: after a burst the daemon's descriptors go back to what its connections
+hold.
 """
 
 from __future__ import annotations
@@ -18,16 +21,16 @@ PIPE_SIZE = 1 << 20
 
 
 class PipePool:
-    __slots__ = ("_free", "max_free", "size", "in_use", "_low")
+    __slots__ = ("_free", "max_free", "size", "lent", "_low")
 
     def __init__(self, max_free: int = 32, size: int = PIPE_SIZE):
         self._free: list[tuple[int, int]] = []
         self.max_free = max_free
         self.size = size
-        self.in_use = 0
+        self.lent: set = set()  # who holds a pipe: objects with a reclaim() method
         self._low = 0  # fewest free pipes since the last trim()
 
-    def take(self) -> tuple[int, int]:
+    def take(self, borrower) -> tuple[int, int]:
         """(read end, write end) of an empty non-blocking pipe; OSError if none."""
         if self._free:
             pipe = self._free.pop()
@@ -41,19 +44,25 @@ class PipePool:
                 fcntl.fcntl(pipe[1], F_SETPIPE_SZ, self.size)
             except OSError:
                 pass
-        self.in_use += 1
+        self.lent.add(borrower)
         return pipe
 
-    def give(self, pipe: tuple[int, int], empty: bool = True) -> None:
-        self.in_use -= 1
+    def give(self, borrower, pipe: tuple[int, int], empty: bool = True) -> None:
+        self.lent.discard(borrower)
         if empty and len(self._free) < self.max_free:
             self._free.append(pipe)
         else:
             os.close(pipe[0])
             os.close(pipe[1])
 
+    def reclaim(self) -> None:
+        """Ask every borrower to give its pipe back if it no longer needs it."""
+        for borrower in list(self.lent):
+            borrower.reclaim()
+
     def trim(self) -> None:
-        """Close the pipes that stayed unused since the last trim()."""
+        """reclaim(), then close the pipes nobody took since the last trim()."""
+        self.reclaim()
         for _ in range(self._low):
             r, w = self._free.pop(0)  # the oldest: the others were used since
             os.close(r)

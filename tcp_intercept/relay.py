@@ -4,8 +4,9 @@ A relay starts in copy mode: one recv() into a buffer shared by the whole
 daemon, then send() straight on. Small exchanges (requests, pings, most of a
 short connection's life) never need more. When a read fills the buffer the
 stream is bulk, and the relay borrows a pipe from the pool and moves bytes
-with splice() (socket -> pipe -> socket, never through user space) until the
-pipe runs dry after a short read; then the pipe goes back to the pool.
+with splice() (socket -> pipe -> socket, never through user space). It keeps
+the pipe while the stream moves: the pool takes it back once it stayed empty
+and unused for a whole reclaim interval (see pipes.py), or at EOF.
 
 States, as seen by the connection that owns the relay:
   reading   src is read whenever it is readable (nothing is waiting for dst)
@@ -36,7 +37,7 @@ _view = memoryview(_buffer)
 
 class Relay:
     __slots__ = ("src", "dst", "name", "pool", "pipe", "inpipe", "pending",
-                 "full", "eof", "done", "can_splice", "last_read")
+                 "full", "eof", "done", "can_splice", "busy")
 
     def __init__(self, src: socket.socket, dst: socket.socket, name: str, pool: PipePool):
         self.src = src
@@ -50,7 +51,7 @@ class Relay:
         self.eof = False
         self.done = False
         self.can_splice = True
-        self.last_read = 0
+        self.busy = False         # spliced since the pool's last reclaim()
 
     @property
     def reading(self) -> bool:
@@ -73,7 +74,7 @@ class Relay:
         self._send(n)
         if n == COPY_SIZE and self.can_splice and self.pending is None:
             try:
-                self.pipe = self.pool.take()
+                self.pipe = self.pool.take(self)
             except OSError:
                 pass  # out of descriptors: copying still works
         return False
@@ -94,9 +95,17 @@ class Relay:
     def release(self) -> None:
         """Give the pipe back (or close it if bytes are still in it)."""
         if self.pipe is not None:
-            self.pool.give(self.pipe, empty=self.inpipe == 0)
+            self.pool.give(self, self.pipe, empty=self.inpipe == 0)
             self.pipe = None
             self.inpipe = 0
+
+    def reclaim(self) -> None:
+        """The pool's periodic question: give the pipe back if it stayed
+        empty and unused since the last time."""
+        if self.busy:
+            self.busy = False
+        elif not self.inpipe:
+            self.release()
 
     def _send(self, n: int) -> None:
         try:
@@ -123,7 +132,7 @@ class Relay:
         if n == 0:
             return self._end()
         self.inpipe += n
-        self.last_read = n
+        self.busy = True
         self._drain()
         return False
 
@@ -136,8 +145,6 @@ class Relay:
                 return
             self.inpipe -= n
             self.full = False
-        if self.last_read < COPY_SIZE or self.eof:
-            self.release()  # the burst is over
 
     def _end(self) -> bool:
         self.eof = True

@@ -28,7 +28,7 @@ from .table import ConnectionTable
 
 # Two descriptors per connection, a few for pipes and the daemon itself.
 FEW_DESCRIPTORS = 4096
-PIPE_TRIM_INTERVAL = 5.0  # seconds; idle pipes go after one to two of these
+PIPE_TRIM_INTERVAL = 1.0  # seconds; idle pipes go after one to two of these
 
 
 def run(config: Config) -> int:

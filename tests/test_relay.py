@@ -9,7 +9,9 @@ own (seeded by the run), so the server's records never mix runs.
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import threading
 import time
 
 import pytest
@@ -233,6 +235,30 @@ def test_300_concurrent_connections_each_keep_their_own_bytes(world):
         assert {r.peer for r in records} == clients
     else:
         assert {r.peer[0] for r in records} == {world.router_s}
+
+
+def test_a_burst_borrows_pipes_and_an_idle_connection_gives_them_back(world):
+    """Bulk goes through pipes; once the connection has been quiet for a
+    couple of reclaim intervals it holds its two sockets and nothing else."""
+    def pipes():
+        return [fd for fd in world.daemon.fds() if fd.startswith("pipe:")]
+
+    burst, tail = world.data(16 << 20, seed=30), world.data(1000, seed=31)
+    with world.connect(ECHO) as sock:
+        sock.settimeout(30)
+        sender = threading.Thread(target=sock.sendall, args=(burst,), daemon=True)
+        sender.start()
+        echoed, buf, got = hashlib.sha256(), bytearray(1 << 16), 0
+        while got < len(burst):
+            n = sock.recv_into(buf, min(len(buf), len(burst) - got))
+            assert n, "EOF in the middle of the burst"
+            echoed.update(memoryview(buf)[:n])
+            got += n
+        sender.join(timeout=10)
+        assert echoed.hexdigest() == sha256(burst)
+        assert pipes(), "16 MiB went through without a pipe"
+        wait_for(lambda: not pipes(), 8, "the idle connection's pipes to go back and be closed")
+        assert exchange(sock, tail) == (len(tail), sha256(tail), "eof")
 
 
 def test_daemon_is_left_as_it_started(world):
