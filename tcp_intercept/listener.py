@@ -133,7 +133,9 @@ class Listener:
         return True
 
     def _back_off(self, err: OSError) -> None:
-        """Out of descriptors or memory: pause accepting instead of spinning."""
+        """Out of descriptors or memory: pause accepting instead of spinning,
+        and close the pipes that connections are not using this instant."""
+        self.ctx.pool.shed()
         if not self.backing_off:
             self.backing_off = True
             log.error("accept(): {}; not accepting new connections for {} s "

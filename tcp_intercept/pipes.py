@@ -55,10 +55,16 @@ class PipePool:
             os.close(pipe[0])
             os.close(pipe[1])
 
-    def reclaim(self) -> None:
-        """Ask every borrower to give its pipe back if it no longer needs it."""
+    def reclaim(self, idle_only: bool = True) -> None:
+        """Ask every borrower to give its pipe back if it no longer needs it
+        (with idle_only False: if it is empty at all)."""
         for borrower in list(self.lent):
-            borrower.reclaim()
+            borrower.reclaim(idle_only)
+
+    def shed(self) -> None:
+        """Out of descriptors: take back every empty pipe and close them all."""
+        self.reclaim(idle_only=False)
+        self.close()
 
     def trim(self) -> None:
         """reclaim(), then close the pipes nobody took since the last trim()."""

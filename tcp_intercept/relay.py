@@ -99,10 +99,10 @@ class Relay:
             self.pipe = None
             self.inpipe = 0
 
-    def reclaim(self) -> None:
+    def reclaim(self, idle_only: bool = True) -> None:
         """The pool's periodic question: give the pipe back if it stayed
         empty and unused since the last time."""
-        if self.busy:
+        if self.busy and idle_only:
             self.busy = False
         elif not self.inpipe:
             self.release()

@@ -101,6 +101,9 @@ class Daemon:
                 found.append(os.readlink(f"{base}/{fd}"))
         return found
 
+    def pipes(self) -> list[str]:
+        return [fd for fd in self.fds() if fd.startswith("pipe:")]
+
     def borrow_sockets(self) -> list[socket.socket]:
         """Duplicates of the daemon's sockets, to inspect with getsockopt()."""
         return borrow_sockets(self.pid)

@@ -108,6 +108,22 @@ def exchange(sock: socket.socket, data: bytes) -> tuple[int, str, str]:
     return result
 
 
+def echo_burst(sock: socket.socket, data: bytes) -> str:
+    """Send data to an echo server and read as much back, leaving the
+    connection open; the SHA-256 of what came back."""
+    sender = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+    sender.start()
+    digest, buf, got = hashlib.sha256(), bytearray(CHUNK), 0
+    while got < len(data):
+        n = sock.recv_into(buf, min(len(buf), len(data) - got))
+        if not n:
+            raise TopologyError(f"EOF after {got} of {len(data)} echoed bytes")
+        digest.update(memoryview(buf)[:n])
+        got += n
+    sender.join(timeout=(sock.gettimeout() or 30) + 5)
+    return digest.hexdigest()
+
+
 class PeerServer:
     """The behaviours above on every port, both families, in topo.srv."""
 

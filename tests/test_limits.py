@@ -1,12 +1,13 @@
 """Running out of descriptors: the daemon pauses accepting, says so once,
-does not spin, and takes the waiting connections once descriptors free up."""
+does not spin, closes the pipes nobody is using, and takes the waiting
+connections once descriptors free up."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from .peers import PORTS
+from .peers import PORTS, echo_burst, exchange, payload, sha256
 from .topology import Daemon, Topology
 
 # The daemon's own descriptors (stdio, listener, epoll, eventfd) and room
@@ -56,5 +57,29 @@ def test_out_of_descriptors_backs_off_and_recovers(topo: Topology, peers, tmp_pa
             for sock in clients:
                 sock.close()
         assert len(daemon.lines("not accepting new connections")) == 1
+    finally:
+        daemon.stop()
+
+
+def test_out_of_descriptors_closes_the_pipes_an_idle_stream_holds(topo: Topology, peers, tmp_path):
+    """A stream keeps its pipes for a second or two after a burst (so the
+    next burst splices at once); when descriptors run out they go at once."""
+    daemon = LimitedDaemon(topo, workdir=tmp_path, name="shedding").start()
+    try:
+        daemon.wait_log(f"The open-file limit is {NOFILE} (hard)")
+        burst, tail = payload(4 << 20, seed=40), payload(1000, seed=41)
+        with topo.connect(topo.cli, topo.SERVER4, PORTS["echo"]) as bulk:
+            bulk.settimeout(10)
+            assert echo_burst(bulk, burst) == sha256(burst)
+            assert daemon.pipes(), "the burst went through without pipes"
+            # 2 sockets and 4 pipe ends in use: room for 6 more connections, not 9.
+            clients = [topo.connect(topo.cli, topo.SERVER4, PORTS["echo"]) for _ in range(HELD)]
+            try:
+                daemon.wait_log("not accepting new connections")
+                assert not daemon.pipes(), "pipes kept while out of descriptors"
+                assert exchange(bulk, tail) == (len(tail), sha256(tail), "eof")
+            finally:
+                for sock in clients:
+                    sock.close()
     finally:
         daemon.stop()

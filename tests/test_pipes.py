@@ -17,8 +17,8 @@ class Borrower:
         self.pipe = pool.take(self)
         self.busy = False
 
-    def reclaim(self) -> None:
-        if self.busy:
+    def reclaim(self, idle_only: bool = True) -> None:
+        if self.busy and idle_only:
             self.busy = False
         else:
             self.give()
@@ -77,4 +77,15 @@ def test_reclaim_takes_back_only_pipes_left_unused_for_a_whole_interval():
     assert busy.pipe is None and not pool.lent and len(pool) == 2
     pool.trim()            # nobody took them again
     pool.trim()
+    assert len(pool) == 0 and open_fds() == base
+
+
+def test_shed_takes_back_even_busy_pipes_and_closes_every_free_one():
+    pool = PipePool(max_free=8, size=65536)
+    base = open_fds()
+    borrowers = [Borrower(pool) for _ in range(3)]
+    borrowers[0].busy = True
+    pool.give("x", pool.take("x"))
+    pool.shed()
+    assert all(b.pipe is None for b in borrowers) and not pool.lent
     assert len(pool) == 0 and open_fds() == base

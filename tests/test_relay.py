@@ -9,17 +9,15 @@ own (seeded by the run), so the server's records never mix runs.
 
 from __future__ import annotations
 
-import hashlib
 import socket
-import threading
 import time
 
 import pytest
 
 from tcp_intercept.pipes import PipePool
 
-from .peers import (DIGEST, ECHO, FIRST, GREETING, REFUSED, RESET, abort, exchange, payload,
-                    read_to_eof, sha256)
+from .peers import (DIGEST, ECHO, FIRST, GREETING, REFUSED, RESET, abort, echo_burst, exchange,
+                    payload, read_to_eof, sha256)
 from .topology import wait_for
 
 WORLDS = [("4", "default"), ("6", "default"), ("4", "client"), ("6", "client")]
@@ -240,24 +238,13 @@ def test_300_concurrent_connections_each_keep_their_own_bytes(world):
 def test_a_burst_borrows_pipes_and_an_idle_connection_gives_them_back(world):
     """Bulk goes through pipes; once the connection has been quiet for a
     couple of reclaim intervals it holds its two sockets and nothing else."""
-    def pipes():
-        return [fd for fd in world.daemon.fds() if fd.startswith("pipe:")]
-
     burst, tail = world.data(16 << 20, seed=30), world.data(1000, seed=31)
     with world.connect(ECHO) as sock:
         sock.settimeout(30)
-        sender = threading.Thread(target=sock.sendall, args=(burst,), daemon=True)
-        sender.start()
-        echoed, buf, got = hashlib.sha256(), bytearray(1 << 16), 0
-        while got < len(burst):
-            n = sock.recv_into(buf, min(len(buf), len(burst) - got))
-            assert n, "EOF in the middle of the burst"
-            echoed.update(memoryview(buf)[:n])
-            got += n
-        sender.join(timeout=10)
-        assert echoed.hexdigest() == sha256(burst)
-        assert pipes(), "16 MiB went through without a pipe"
-        wait_for(lambda: not pipes(), 8, "the idle connection's pipes to go back and be closed")
+        assert echo_burst(sock, burst) == sha256(burst)
+        assert world.daemon.pipes(), "16 MiB went through without a pipe"
+        wait_for(lambda: not world.daemon.pipes(), 8,
+                 "the idle connection's pipes to go back and be closed")
         assert exchange(sock, tail) == (len(tail), sha256(tail), "eof")
 
 
