@@ -29,7 +29,7 @@ from loguru import logger as log
 from .address import format_sockaddr
 from .evloop import EVENTS, READ, WRITE, Loop
 from .pipes import PipePool
-from .relay import Relay
+from .relay import Relay, interest
 from .sockopts import IP_BIND_ADDRESS_NO_PORT, set_transparent
 from .table import ConnectionTable
 
@@ -116,7 +116,6 @@ class Connection:
             return
         self.sw.stop()  # re-armed by _update, with the relaying callback
         self.smask = 0
-        relay = None
         try:
             error = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
@@ -128,18 +127,11 @@ class Connection:
             self.c2s = Relay(self.client, self.server, "C>S", pool)
             self.s2c = Relay(self.server, self.client, "S>C", pool)
             self.cw = self.ctx.loop.io(self.client.fileno(), READ)
-            # The client has usually spoken while we were connecting.
-            relay = self.c2s
-            self._read(relay)
-            self._update()
         except Exception as err:
-            self._fail(relay, err)
-
-    def _on_client(self, events: int) -> None:
-        self._on_event(events, self.c2s, self.s2c)
-
-    def _on_server(self, events: int) -> None:
-        self._on_event(events, self.s2c, self.c2s)
+            self._fail(None, err)
+            return
+        # The client has usually spoken while we were connecting.
+        self._on_event(READ, self.c2s, self.s2c)
 
     def _on_event(self, events: int, inbound: Relay, outbound: Relay) -> None:
         """`inbound` reads from the socket that fired, `outbound` writes to it."""
@@ -147,8 +139,8 @@ class Connection:
             return
         relay = inbound
         try:
-            if events & READ:
-                self._read(inbound)
+            if events & READ and inbound.on_readable() and self.ctx.log_connections:
+                log.info("{} {}: EOF", self.id, inbound.name)
             if events & WRITE:
                 relay = outbound
                 outbound.on_writable()
@@ -156,31 +148,26 @@ class Connection:
         except Exception as err:
             self._fail(relay, err)
 
-    def _read(self, relay: Relay) -> None:
-        if relay.on_readable() and self.ctx.log_connections:
-            log.info("{} {}: EOF", self.id, relay.name)
-
     def _update(self) -> None:
         """The one place that decides what each socket waits for."""
         c2s, s2c = self.c2s, self.s2c
         if c2s.done and s2c.done:
             self.close()
             return
-        cmask = (READ if c2s.reading else 0) | (WRITE if s2c.writing else 0)
-        smask = (READ if s2c.reading else 0) | (WRITE if c2s.writing else 0)
+        cmask = interest(c2s, s2c)
         if cmask != self.cmask:
             self.cmask = cmask
-            self._arm(self.cw, cmask, self._on_client)
+            self._arm(self.cw, cmask, c2s, s2c)
+        smask = interest(s2c, c2s)
         if smask != self.smask:
             self.smask = smask
-            self._arm(self.sw, smask, self._on_server)
+            self._arm(self.sw, smask, s2c, c2s)
 
-    @staticmethod
-    def _arm(watcher, mask: int, callback) -> None:
+    def _arm(self, watcher, mask: int, inbound: Relay, outbound: Relay) -> None:
         watcher.stop()
         if mask:
             watcher.events = mask
-            watcher.start(callback, EVENTS)
+            watcher.start(self._on_event, EVENTS, inbound, outbound)
 
     def _connect_failed(self, why) -> None:
         if self.ctx.log_connections:

@@ -26,6 +26,7 @@ import errno
 import os
 import socket
 
+from .evloop import READ, WRITE
 from .pipes import PipePool
 
 COPY_SIZE = 64 * 1024
@@ -33,6 +34,16 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 _buffer = bytearray(COPY_SIZE)
 _view = memoryview(_buffer)
+
+
+def interest(inbound: Relay, outbound: Relay) -> int:
+    """The events a socket waits for: READ while `inbound` (which reads it) is
+    reading, WRITE while `outbound` (which writes to it) is writing. Runs on
+    every event, so the two states are spelled out rather than asked for."""
+    events = 0 if (inbound.eof or inbound.full or inbound.pending is not None) else READ
+    if outbound.pending is not None or outbound.inpipe:
+        events |= WRITE
+    return events
 
 
 class Relay:
@@ -52,10 +63,6 @@ class Relay:
         self.done = False
         self.can_splice = True
         self.busy = False         # spliced since the pool's last reclaim()
-
-    @property
-    def reading(self) -> bool:
-        return not (self.eof or self.full or self.pending is not None)
 
     @property
     def writing(self) -> bool:
