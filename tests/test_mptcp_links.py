@@ -25,7 +25,6 @@ import socket
 
 import pytest
 
-from .conftest import need_root
 from .intercept import Daemon
 from .mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload
 from .netns import wait_for
@@ -34,14 +33,7 @@ from .test_ss_view import ss
 SECONDS = 3.0
 ONE_LINK = (150, 205)  # Mbit/s a single TCP flow gets through a 200 Mbit/s token bucket
 BONDED = 1.8           # at least this many times the one-link rate with -M
-
-
-@pytest.fixture(scope="module")
-def topo():
-    """The two-link world; the conftest daemon fixtures start daemons in it."""
-    need_root()
-    with MptcpWorld() as world:
-        yield world
+WORLD = MptcpWorld     # conftest's topo: the two-link world the daemon fixtures start in
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ not when the server sees the client itself and the daemon logs nothing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
@@ -16,7 +17,6 @@ import shutil
 
 import pytest
 
-from .conftest import need_root
 from .peers import ECHO, exchange, payload, sha256
 from .topology import TPROXY_SH, Topology
 
@@ -24,14 +24,8 @@ BACKENDS = ["iptables", "nft"]
 FAMILIES = ["4", "6"]
 EX_USAGE = 64
 _seeds = itertools.count(7_000_000)
-
-
-@pytest.fixture(scope="module")
-def topo():
-    """This module's own topology: the router without interception rules."""
-    need_root()
-    with Topology(tproxy=False) as world:
-        yield world
+# conftest's topo: this module's own topology, the router without interception rules.
+WORLD = functools.partial(Topology, tproxy=False)
 
 
 @pytest.fixture(autouse=True)
