@@ -38,12 +38,9 @@ _view = memoryview(_buffer)
 
 def interest(inbound: Relay, outbound: Relay) -> int:
     """The events a socket waits for: READ while `inbound` (which reads it) is
-    reading, WRITE while `outbound` (which writes to it) is writing. Runs on
-    every event, so the two states are spelled out rather than asked for."""
+    reading, WRITE while `outbound` (which writes to it) is writing."""
     events = 0 if (inbound.eof or inbound.full or inbound.pending is not None) else READ
-    if outbound.pending is not None or outbound.inpipe:
-        events |= WRITE
-    return events
+    return (events | WRITE) if outbound.writing else events
 
 
 class Relay:
