@@ -50,6 +50,14 @@ in_ns() { # namespace command...
 	ip netns exec "$ns" "$@"
 }
 init_script() { timeout 60 ip netns exec "$NS_R" /etc/init.d/tcp-intercept "$@"; }
+# exit_status COMMAND...: print the command's exit status (its stdout discarded).
+exit_status() { if "$@" >/dev/null; then echo 0; else echo $?; fi; }
+# no_rules WHAT: fail unless tproxy.sh in the router says no rules are in (3).
+no_rules() {
+	local status
+	status=$(exit_status in_ns "$NS_R" "$TPROXY" status)
+	[ "$status" = 3 ] || fail "$1 (tproxy.sh status $status, not 3)"
+}
 
 # wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds.
 wait_for() {
@@ -306,21 +314,15 @@ init_script start >/dev/null || fail "start while running: exit status $?"
 init_script stop >/dev/null || fail "stop: exit status $?"
 ! kill -0 "$pid" 2>/dev/null || fail "stop: pid $pid still runs"
 [ ! -e "$PIDFILE" ] || fail "stop: $PIDFILE left behind"
-status=0
-init_script status >/dev/null || status=$?
+status=$(exit_status init_script status)
 [ "$status" = 3 ] || fail "status after stop: $status, not 3"
-status=0
-in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
-[ "$status" = 3 ] || fail "stop: tproxy.sh status $status, not 3 (rules left)"
+no_rules "stop left rules"
 
 say "init script: a start the daemon refuses reports the daemon's status"
 echo 'DAEMON_OPTS="--no-such-option"' >>"$DEFAULTS"
-status=0
-init_script start >/dev/null 2>&1 || status=$?
+status=$(exit_status init_script start 2>/dev/null)
 [ "$status" = 64 ] || fail "start with a bad option: exit status $status, not 64"
-status=0
-in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
-[ "$status" = 3 ] || fail "rules installed for a daemon that did not start"
+no_rules "rules installed for a daemon that did not start"
 
 say "the unit's commands (systemd-helper): firewall-up, daemon, firewall-down"
 sed -i '/^DAEMON_OPTS="--no-such-option"$/d' "$DEFAULTS"
@@ -339,9 +341,7 @@ status=0
 wait "$unit" || status=$?
 [ "$status" = 0 ] || fail "the foreground daemon exited $status on SIGTERM: $(cat "$WORK/unit.err")"
 in_ns "$NS_R" "$HELPER" firewall-down || fail "systemd-helper firewall-down: exit status $?"
-status=0
-in_ns "$NS_R" "$TPROXY" status >/dev/null || status=$?
-[ "$status" = 3 ] || fail "systemd-helper firewall-down left rules (tproxy.sh status $status)"
+no_rules "systemd-helper firewall-down left rules"
 
 # -- 5. purge -----------------------------------------------------------------
 
