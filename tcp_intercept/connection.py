@@ -24,10 +24,11 @@ import struct
 from dataclasses import dataclass, field
 from os import strerror
 
-from loguru import logger as log
+from loguru import logger
 
 from .address import format_sockaddr
 from .evloop import EVENTS, READ, WRITE, Loop
+from .logs import Log
 from .pipes import PipePool
 from .relay import Relay, interest
 from .sockopts import IP_BIND_ADDRESS_NO_PORT, set_transparent
@@ -43,7 +44,8 @@ class Context:
     loop: Loop
     pool: PipePool
     table: ConnectionTable
-    log_connections: bool
+    # The per-connection lines go here (logs.Log's fast path); None with -q.
+    log: Log | None
     # Socket options for the outgoing socket, and how to bind it.
     server_options: list = field(default_factory=list)
     server_proto: int = socket.IPPROTO_TCP
@@ -56,7 +58,7 @@ class Context:
 
 class Connection:
     __slots__ = ("ctx", "client", "server", "peer", "dst", "c2s", "s2c",
-                 "cw", "sw", "cmask", "smask", "key", "closed")
+                 "cw", "sw", "cmask", "smask", "key", "closed", "_id")
 
     def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple):
         self.ctx = ctx
@@ -67,9 +69,10 @@ class Connection:
         self.cw = self.sw = None
         self.cmask = self.smask = 0
         self.closed = False
+        self._id = None
         self.key = ctx.table.add(self)
-        if ctx.log_connections:
-            log.info("{}: Connection intercepted", self.id)
+        if ctx.log is not None:
+            ctx.log.info(f"{self.id}: Connection intercepted")
         try:
             self._connect()
         except OSError as err:
@@ -79,7 +82,10 @@ class Connection:
 
     @property
     def id(self) -> str:
-        return f"{format_sockaddr(self.peer)}-->{format_sockaddr(self.dst)}"
+        """`[client]:port-->[destination]:port`, as the original named it."""
+        if self._id is None:
+            self._id = f"{format_sockaddr(self.peer)}-->{format_sockaddr(self.dst)}"
+        return self._id
 
     def _connect(self) -> None:
         ctx = self.ctx
@@ -104,9 +110,12 @@ class Connection:
         status = server.connect_ex(self.dst)
         if status not in (0, errno.EINPROGRESS):
             raise OSError(status, strerror(status))
-        if ctx.log_connections:
-            log.info("{}: Connecting {}-->{}", self.id,
-                     format_sockaddr(server.getsockname()), format_sockaddr(self.dst))
+        if ctx.log is not None:
+            # Spoofing, our side of it is the client's address: the line's
+            # second half is the id again, no getsockname() needed.
+            pair = self.id if ctx.spoof_client else \
+                f"{format_sockaddr(server.getsockname())}-->{format_sockaddr(self.dst)}"
+            ctx.log.info(f"{self.id}: Connecting {pair}")
         self.sw = ctx.loop.io(server.fileno(), WRITE)
         self.smask = WRITE
         self.sw.start(self._on_connected)
@@ -121,8 +130,8 @@ class Connection:
             if error:
                 self._connect_failed(strerror(error))
                 return
-            if self.ctx.log_connections:
-                log.info("{}: server accepted connection, splicing", self.id)
+            if self.ctx.log is not None:
+                self.ctx.log.info(f"{self.id}: server accepted connection, splicing")
             pool = self.ctx.pool
             self.c2s = Relay(self.client, self.server, "C>S", pool)
             self.s2c = Relay(self.server, self.client, "S>C", pool)
@@ -139,8 +148,8 @@ class Connection:
             return
         relay = inbound
         try:
-            if events & READ and inbound.on_readable() and self.ctx.log_connections:
-                log.info("{} {}: EOF", self.id, inbound.name)
+            if events & READ and inbound.on_readable() and self.ctx.log is not None:
+                self.ctx.log.info(f"{self.id} {inbound.name}: EOF")
             if events & WRITE:
                 relay = outbound
                 outbound.on_writable()
@@ -170,8 +179,8 @@ class Connection:
             watcher.start(self._on_event, EVENTS, inbound, outbound)
 
     def _connect_failed(self, why) -> None:
-        if self.ctx.log_connections:
-            log.warning("{}: connect to server failed: {}", self.id, why)
+        if self.ctx.log is not None:
+            self.ctx.log.warning(f"{self.id}: connect to server failed: {why}")
         self.abort()
 
     def _fail(self, relay: Relay | None, err: Exception) -> None:
@@ -179,9 +188,9 @@ class Connection:
         silenced by -q like the others; a bug in here is always logged."""
         where = f"{self.id} {relay.name}" if relay is not None else self.id
         if not isinstance(err, OSError):
-            log.opt(exception=err).error("{}: internal error, closing", where)
-        elif self.ctx.log_connections:
-            log.error("{}: Error: {}", where, err.strerror or err)
+            logger.opt(exception=err).error("{}: internal error, closing", where)
+        elif self.ctx.log is not None:
+            self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
         self.abort()
 
     def abort(self) -> None:
@@ -211,5 +220,5 @@ class Connection:
         if self.server is not None:
             self.server.close()
         self.ctx.table.remove(self.key)
-        if self.ctx.log_connections:
-            log.info("{}: closed", self.id)
+        if self.ctx.log is not None:
+            self.ctx.log.info(f"{self.id}: closed")

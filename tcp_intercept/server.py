@@ -115,7 +115,7 @@ class Daemon:
         self.pool = PipePool()
         self.table = ConnectionTable()
         self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table,
-                           log_connections=not config.quiet,
+                           log=None if config.quiet else logs,
                            **_outgoing(config))
         self.listener = Listener(listener_sock, config.listen, self.ctx)
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
@@ -131,6 +131,7 @@ class Daemon:
     def run(self) -> None:
         self.listener.start()
         self.trim.start(self.pool.trim)
+        self.logs.attach(self.loop)
         self.loop.run()
         self._close()
 
@@ -141,10 +142,7 @@ class Daemon:
 
     # SIGHUP: logrotate moved the log file away.
     def _on_hup(self, signum: int) -> None:
-        try:
-            self.logs.reopen()
-        except OSError as err:
-            print(f"Can not reopen log file {self.logs.path}: {err.strerror}", file=sys.stderr)
+        self.logs.reopen()
 
     def _on_error(self, context, err: BaseException) -> None:
         log.opt(exception=err).error("Unexpected error in {}", context)
@@ -158,6 +156,7 @@ class Daemon:
             watcher.stop()
             watcher.close()
         self.pool.close()
+        self.logs.detach()
         self.loop.destroy()
 
 

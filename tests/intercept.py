@@ -7,8 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tcp_intercept.logs import FLUSH_DELAY
 
 from .netns import TopologyError, borrow_sockets, listens, pid_alive, terminate, wait_for
 
@@ -31,14 +34,17 @@ class Daemon:
     READY = "Setup done, starting event loop"
 
     def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
-                 listen: str | None = None, log_file: bool = False,
+                 listen: str | None = None, log_file: bool | Path = False,
                  foreground: bool = True, pid_file: bool = False):
         self.topo = topo
         self.workdir = Path(workdir)
         self.listen = listen or f"[0.0.0.0]:[{topo.port}]"
         self.port = int(self.listen.rsplit(":", 1)[1].strip("[]"))
         self.out_path = self.workdir / f"{name}.out"
-        self.log_path = self.workdir / f"{name}.log" if log_file else None
+        if isinstance(log_file, Path):
+            self.log_path: Path | None = log_file
+        else:
+            self.log_path = self.workdir / f"{name}.log" if log_file else None
         self.pid_path = self.workdir / f"{name}.pid" if pid_file else None
         self.foreground = foreground
         self.args = ["-b", self.listen, *args]
@@ -128,6 +134,13 @@ class Daemon:
 
     def lines(self, text: str) -> list[str]:
         return [line for line in self.output().splitlines() if text in line]
+
+    def lines_by_now(self, text: str) -> list[str]:
+        """lines(text) once any connection line of what just happened is
+        written: for checking that something was NOT logged. The daemon
+        writes its connection lines within FLUSH_DELAY."""
+        time.sleep(3 * FLUSH_DELAY)
+        return self.lines(text)
 
     def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> list[str]:
         """The log lines containing text, once there are at least count of them."""

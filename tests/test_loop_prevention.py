@@ -55,4 +55,4 @@ def test_same_port_on_another_host_is_relayed(topo, start_daemon, family):
         [record] = peers.wait_records(sha256=sha256(data))
     assert record.local[:2] == (server, daemon.port)
     assert not daemon.lines(DROPPED)
-    assert daemon.lines("Connection intercepted")
+    daemon.wait_log("Connection intercepted")

@@ -110,7 +110,7 @@ def assert_intercepted(topo, peers, daemon, family: str) -> None:
 def assert_not_intercepted(topo, peers, daemon, family: str) -> None:
     conn_id, peer = echo(topo, peers, family)
     assert peer[0] == (topo.CLIENT6 if family == "6" else topo.CLIENT4)
-    assert daemon.lines(conn_id.split("-->")[0]) == [], "the daemon saw it"
+    assert daemon.lines_by_now(conn_id.split("-->")[0]) == [], "the daemon saw it"
 
 
 def listen(family: str, port: int = 5000) -> str:
@@ -271,7 +271,7 @@ def test_a_socket_of_the_router_itself_is_not_intercepted(topo, start_daemon):
         with sock:
             conn, _ = server.accept()
             conn.close()
-    assert daemon.lines(":7100: Connection intercepted") == []
+    assert daemon.lines_by_now(":7100: Connection intercepted") == []
 
 
 def test_up_with_a_backend_that_does_not_work_changes_nothing(topo, tmp_path):
