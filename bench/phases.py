@@ -199,10 +199,10 @@ def per_connection(before: dict, during: dict, opened: int) -> dict:
 def settle_fds(pid: int, baseline: int, timeout: float = 20) -> int:
     """The daemon's descriptor count once it is back to baseline (or after timeout)."""
     try:
-        wait_for(lambda: procfs.fd_count(pid) <= baseline, timeout, "the daemon to close")
+        wait_for(lambda: procfs.memory(pid)["fds"] <= baseline, timeout, "the daemon to close")
     except TopologyError:
         pass
-    return procfs.fd_count(pid)
+    return procfs.memory(pid)["fds"]
 
 
 def idle(world: World) -> dict:

@@ -9,10 +9,31 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of pid (a master's workers)."""
+    try:
+        return [int(child) for child in
+                Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of every thread of pid so far."""
+    """The CPU time of pid and its children so far: its own utime + stime,
+    those of the children it reaped (cutime + cstime), and those of its live
+    children (a master's workers)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # fields 14 and 15 of stat(5)
+    # fields 14-17 of stat(5)
+    own = sum(int(f) for f in fields[11:15]) / TICK
+    return own + sum(_own_cpu(child) for child in children(pid))
+
+
+def _own_cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def kib(path: str, key: str) -> int:
@@ -37,7 +58,10 @@ def fd_count(pid: int) -> int:
 
 
 def memory(pid: int) -> dict:
-    return {"rss_kib": status_kib(pid, "VmRSS"), "pss_kib": pss_kib(pid), "fds": fd_count(pid)}
+    """RSS, PSS and descriptors of pid and its live children, summed."""
+    pids = [pid, *children(pid)]
+    return {"rss_kib": sum(status_kib(p, "VmRSS") for p in pids),
+            "pss_kib": sum(pss_kib(p) for p in pids), "fds": sum(fd_count(p) for p in pids)}
 
 
 def machine_busy_seconds() -> float:

@@ -152,8 +152,9 @@ def run_phases(world: World, raw: dict, title: str) -> None:
 def daemon_report(daemon: Daemon) -> dict:
     found = {"pid": daemon.pid, "alive_at_end": daemon.alive()}
     if found["alive_at_end"]:
-        found["rss_kib_at_end"] = procfs.status_kib(daemon.pid, "VmRSS")
-        found["peak_rss_kib"] = procfs.status_kib(daemon.pid, "VmHWM")
+        pids = [daemon.pid, *procfs.children(daemon.pid)]  # the master and its workers
+        found["rss_kib_at_end"] = sum(procfs.status_kib(pid, "VmRSS") for pid in pids)
+        found["peak_rss_kib"] = sum(procfs.status_kib(pid, "VmHWM") for pid in pids)
     found["exit_status"] = daemon.stop()
     lines = daemon.output().splitlines()
     problems = [line for line in lines if any(word in line for word in PROBLEMS)]

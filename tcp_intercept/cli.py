@@ -66,13 +66,21 @@ Options:
   --user-timeout seconds          TCP_USER_TIMEOUT on both sockets: drop a
                                   connection whose peer stops acknowledging
                                   data for this long
+  -w --workers n                  Worker processes that accept and relay
+                                  (default 1); the process in the pid file is
+                                  their master
+  --drain-timeout seconds         After an upgrade (SIGUSR2), old workers
+                                  reset the connections they still hold after
+                                  this long (default: wait for them to end)
 """
 
-SHORT = "hVknfqp:b:B:l:C:M"
+SHORT = "hVknfqp:b:B:l:C:Mw:"
 LONG = ["help", "version", "keepalive", "tcp_nodelay", "foreground", "quiet",
         "pid-file=", "bind-listen=", "bind-outgoing=", "log=", "congestion=",
         "client-congestion=", "mptcp", "mptcp-listen", "keepalive-idle=",
-        "keepalive-interval=", "keepalive-count=", "user-timeout="]
+        "keepalive-interval=", "keepalive-count=", "user-timeout=", "workers=",
+        "drain-timeout="]
+MAX_WORKERS = 64
 
 
 class UsageError(ValueError):
@@ -99,6 +107,16 @@ def version_text() -> str:
             "   MPTCP: " + ("yes" if sockopts.mptcp_available() else "no") + "\n")
 
 
+def _count(option: str, value: str, limit: int = 2**31 - 1) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{option}: {value!r} is not a whole number") from None
+    if not 0 < number <= limit:
+        raise UsageError(f"{option}: {value!r} must be between 1 and {limit}")
+    return number
+
+
 def _seconds(option: str, value: str, *, integer: bool) -> float:
     try:
         number = int(value) if integer else float(value)
@@ -110,20 +128,39 @@ def _seconds(option: str, value: str, *, integer: bool) -> float:
     return number
 
 
-# Options that set one Config field: option -> (field, value from argument).
+def _text(option: str, value: str) -> str:
+    return value
+
+
+def _congestion(option: str, value: str) -> str:
+    return sockopts.check_congestion(value)
+
+
+def _fraction(option: str, value: str) -> float:
+    return _seconds(option, value, integer=False)
+
+
+def _workers(option: str, value: str) -> int:
+    return _count(option, value, MAX_WORKERS)
+
+
+# Options that set one Config field: option -> (field, value from
+# (option, argument)); None for a flag without argument.
 _FIELDS = {
     "-n": ("nodelay", None), "--tcp_nodelay": ("nodelay", None),
     "-f": ("foreground", None), "--foreground": ("foreground", None),
     "-q": ("quiet", None), "--quiet": ("quiet", None),
-    "-p": ("pid_file", str), "--pid-file": ("pid_file", str),
-    "-b": ("listen", str), "--bind-listen": ("listen", str),
-    "-B": ("outgoing", str), "--bind-outgoing": ("outgoing", str),
-    "-l": ("log_file", str), "--log": ("log_file", str),
-    "-C": ("congestion", sockopts.check_congestion),
-    "--congestion": ("congestion", sockopts.check_congestion),
-    "--client-congestion": ("client_congestion", sockopts.check_congestion),
+    "-p": ("pid_file", _text), "--pid-file": ("pid_file", _text),
+    "-b": ("listen", _text), "--bind-listen": ("listen", _text),
+    "-B": ("outgoing", _text), "--bind-outgoing": ("outgoing", _text),
+    "-l": ("log_file", _text), "--log": ("log_file", _text),
+    "-C": ("congestion", _congestion), "--congestion": ("congestion", _congestion),
+    "--client-congestion": ("client_congestion", _congestion),
     "-M": ("mptcp", None), "--mptcp": ("mptcp", None),
     "--mptcp-listen": ("mptcp_listen", None),
+    "--user-timeout": ("user_timeout", _fraction),
+    "-w": ("workers", _workers), "--workers": ("workers", _workers),
+    "--drain-timeout": ("drain_timeout", _fraction),
 }
 
 
@@ -146,9 +183,7 @@ def parse_args(argv: list[str], prog: str = NAME) -> Config:
             raise Exit(EX_OK)
         if opt in _FIELDS:
             name, convert = _FIELDS[opt]
-            flags[name] = True if convert is None else convert(value)
-        elif opt == "--user-timeout":
-            flags["user_timeout"] = _seconds(opt, value, integer=False)
+            flags[name] = True if convert is None else convert(opt, value)
         elif opt in ("-k", "--keepalive"):
             keepalive = keepalive or {}
         else:  # --keepalive-idle, --keepalive-interval, --keepalive-count

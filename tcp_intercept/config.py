@@ -39,6 +39,9 @@ class Config:
     client_congestion: str | None = None
     mptcp: bool = False
     mptcp_listen: bool = False
+    workers: int = 1
+    # Old workers close what they still relay this long after an upgrade.
+    drain_timeout: float | None = None
 
     @property
     def spoof_client(self) -> bool:

@@ -4,15 +4,19 @@ original destination, and one relay per direction.
 Life of a connection:
   connecting  accepted; a non-blocking connect() to the original destination
               is under way. Only the server socket is watched (writable =
-              connect finished). A refused or failed connect resets the client.
+              connect finished). A refused or failed connect, or one that
+              outlives --connect-timeout, resets the client.
   relaying    both relays run (C>S and S>C); `_update` alone decides which
               events each socket waits for, from the relays' states.
   half-closed one relay saw EOF and shut down its destination's write side;
               the other direction goes on until it sees EOF too.
-  closed      both relays are done, or an error (including a reset from
-              either peer) aborted it: then both sockets are closed with
-              SO_LINGER 0, so the other peer gets a reset too, not a FIN that
-              would pass lost bytes off as a clean end.
+  closed      both relays are done (clean), or an error (including a reset
+              from either peer), --idle-timeout or the daemon's shutdown cut
+              it: then both sockets are closed with SO_LINGER 0, so the other
+              peer gets a reset too, not a FIN that would pass lost bytes off
+              as a clean end.
+Every connection counts once as accepted and once as closed (how: clean,
+reset, idle timeout); a failed connect also counts why.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import _socket  # as the listener's accepted sockets: see there
 import errno
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from os import strerror
 
 from loguru import logger
 
+from . import counters
 from .address import format_sockaddr
+from .descriptors import Reserve
 from .evloop import EVENTS, READ, WRITE, Loop
 from .logs import Log
 from .pipes import PipePool
@@ -36,14 +43,21 @@ from .table import ConnectionTable
 
 LINGER_RESET = struct.pack("ii", 1, 0)
 SOCK_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+CONNECT_FAILURE = {errno.ECONNREFUSED: counters.CONNECT_REFUSED,
+                   errno.ENETUNREACH: counters.CONNECT_UNREACHABLE,
+                   errno.EHOSTUNREACH: counters.CONNECT_UNREACHABLE,
+                   errno.ENETDOWN: counters.CONNECT_UNREACHABLE,
+                   errno.EHOSTDOWN: counters.CONNECT_UNREACHABLE,
+                   errno.ETIMEDOUT: counters.CONNECT_TIMEOUT}
 
 
 @dataclass(eq=False)
 class Context:
-    """What every connection shares: the loop and how to reach servers."""
+    """What every connection shares: the loop, its counters, how to reach servers."""
     loop: Loop
     pool: PipePool
     table: ConnectionTable
+    ctr: memoryview  # this worker's counters (counters.py)
     # The per-connection lines go here (logs.Log's fast path); None with -q.
     log: Log | None
     # Socket options for the outgoing socket, and how to bind it.
@@ -54,11 +68,17 @@ class Context:
     bind_address: tuple | None = None
     bind_family: int = socket.AF_INET
     bind_no_port: bool = False
+    # Told of every connect() under way (--connect-timeout), when set.
+    on_connecting: Callable[[Connection], None] | None = None
+    # Told of every connection that closes (--max-connections, --max-per-client).
+    on_close: Callable[[Connection], None] | None = None
+    # The spare descriptor for when they run out (descriptors.py).
+    reserve: Reserve = field(default_factory=Reserve)
 
 
 class Connection:
-    __slots__ = ("ctx", "client", "server", "peer", "dst", "c2s", "s2c",
-                 "cw", "sw", "cmask", "smask", "key", "closed", "_id")
+    __slots__ = ("ctx", "client", "server", "peer", "dst", "c2s", "s2c", "cw", "sw",
+                 "cmask", "smask", "key", "closed", "_id", "started", "active")
 
     def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple):
         self.ctx = ctx
@@ -66,17 +86,20 @@ class Connection:
         self.peer = peer
         self.dst = dst
         self.server = None
+        self.c2s = self.s2c = None
         self.cw = self.sw = None
         self.cmask = self.smask = 0
         self.closed = False
         self._id = None
+        self.started = self.active = ctx.loop.now()
         self.key = ctx.table.add(self)
+        ctx.ctr[counters.ACCEPTED] += 1
         if ctx.log is not None:
             ctx.log.info(f"{self.id}: Connection intercepted")
         try:
             self._connect()
         except OSError as err:
-            self._connect_failed(err.strerror or err)
+            self._connect_failed(err.errno, err.strerror or err)
         except Exception as err:
             self._fail(None, err)
 
@@ -89,7 +112,7 @@ class Connection:
 
     def _connect(self) -> None:
         ctx = self.ctx
-        self.server = server = _socket.socket(self.client.family, SOCK_FLAGS, ctx.server_proto)
+        self.server = server = _server_socket(self.client.family, ctx)
         for level, option, value in ctx.server_options:
             server.setsockopt(level, option, value)
         if ctx.spoof_client:
@@ -98,7 +121,7 @@ class Connection:
             # sits in TIME_WAIT; the original failed those connections.
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.peer[1] == ctx.listen_port:
-                # Our listener holds this port too (see open_listener).
+                # Our listeners hold this port too (see open_listeners).
                 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             server.bind(self.peer)
         elif ctx.bind_address is not None and server.family == ctx.bind_family:
@@ -111,30 +134,42 @@ class Connection:
         if status not in (0, errno.EINPROGRESS):
             raise OSError(status, strerror(status))
         if ctx.log is not None:
-            # Spoofing, our side of it is the client's address: the line's
-            # second half is the id again, no getsockname() needed.
-            pair = self.id if ctx.spoof_client else \
-                f"{format_sockaddr(server.getsockname())}-->{format_sockaddr(self.dst)}"
-            ctx.log.info(f"{self.id}: Connecting {pair}")
+            ctx.log.info(f"{self.id}: Connecting {self.source}-->{format_sockaddr(self.dst)}"
+                         if not ctx.spoof_client else
+                         # Our side is the client's address: the id again.
+                         f"{self.id}: Connecting {self.id}")
         self.sw = ctx.loop.io(server.fileno(), WRITE)
         self.smask = WRITE
         self.sw.start(self._on_connected)
+        if ctx.on_connecting is not None:
+            ctx.on_connecting(self)
+
+    @property
+    def source(self) -> str:
+        """Our address toward the server, `[ip]:port`."""
+        if self.ctx.spoof_client:
+            return format_sockaddr(self.peer)
+        try:
+            return format_sockaddr(self.server.getsockname())
+        except (OSError, AttributeError):
+            return "-"
 
     def _on_connected(self) -> None:
         if self.closed:
             return
         self.sw.stop()  # re-armed by _update, with the relaying callback
         self.smask = 0
+        self.active = self.ctx.loop.now()
         try:
             error = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
-                self._connect_failed(strerror(error))
+                self._connect_failed(error, strerror(error))
                 return
             if self.ctx.log is not None:
                 self.ctx.log.info(f"{self.id}: server accepted connection, splicing")
-            pool = self.ctx.pool
-            self.c2s = Relay(self.client, self.server, "C>S", pool)
-            self.s2c = Relay(self.server, self.client, "S>C", pool)
+            pool, ctr = self.ctx.pool, self.ctx.ctr
+            self.c2s = Relay(self.client, self.server, "C>S", pool, ctr, counters.BYTES_C2S)
+            self.s2c = Relay(self.server, self.client, "S>C", pool, ctr, counters.BYTES_S2C)
             self.cw = self.ctx.loop.io(self.client.fileno(), READ)
         except Exception as err:
             self._fail(None, err)
@@ -146,6 +181,7 @@ class Connection:
         """`inbound` reads from the socket that fired, `outbound` writes to it."""
         if self.closed:
             return
+        self.active = self.ctx.loop.now()
         relay = inbound
         try:
             if events & READ and inbound.on_readable() and self.ctx.log is not None:
@@ -161,7 +197,7 @@ class Connection:
         """The one place that decides what each socket waits for."""
         c2s, s2c = self.c2s, self.s2c
         if c2s.done and s2c.done:
-            self.close()
+            self.close(counters.CLOSED_CLEAN)
             return
         cmask = interest(c2s, s2c)
         if cmask != self.cmask:
@@ -178,10 +214,22 @@ class Connection:
             watcher.events = mask
             watcher.start(self._on_event, EVENTS, inbound, outbound)
 
-    def _connect_failed(self, why) -> None:
+    def _connect_failed(self, code: int | None, why) -> None:
+        self.ctx.ctr[CONNECT_FAILURE.get(code, counters.CONNECT_OTHER)] += 1
         if self.ctx.log is not None:
             self.ctx.log.warning(f"{self.id}: connect to server failed: {why}")
         self.abort()
+
+    def connect_timed_out(self) -> None:
+        """--connect-timeout: the server never finished the handshake."""
+        if not self.closed and self.c2s is None:
+            self._connect_failed(errno.ETIMEDOUT, "timed out")
+
+    def idle_timed_out(self, seconds: float) -> None:
+        """--idle-timeout: nothing moved either way for that long."""
+        if self.ctx.log is not None:
+            self.ctx.log.warning(f"{self.id}: idle for {seconds:g} s, resetting")
+        self.abort(counters.CLOSED_IDLE_TIMEOUT)
 
     def _fail(self, relay: Relay | None, err: Exception) -> None:
         """What a peer did (a reset, a vanished peer) is a per-connection line,
@@ -193,7 +241,7 @@ class Connection:
             self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
         self.abort()
 
-    def abort(self) -> None:
+    def abort(self, how: int = counters.CLOSED_RESET) -> None:
         """Close with a reset on both sides (SO_LINGER 0)."""
         for sock in (self.client, self.server):
             if sock is not None and not self.closed:
@@ -201,11 +249,12 @@ class Connection:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
                 except OSError:
                     pass
-        self.close()
+        self.close(how)
 
-    def close(self) -> None:
-        """Release everything. Idempotent, never raises; callbacks that run
-        after it return at once (they check `closed`)."""
+    def close(self, how: int = counters.CLOSED_RESET) -> None:
+        """Release everything; count the end as `how` (a counters index).
+        Idempotent, never raises; callbacks that run after it return at once
+        (they check `closed`)."""
         if self.closed:
             return
         self.closed = True
@@ -213,12 +262,47 @@ class Connection:
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
-        if self.cw is not None:
+        if self.c2s is not None:
             self.c2s.release()
             self.s2c.release()
         self.client.close()
         if self.server is not None:
             self.server.close()
-        self.ctx.table.remove(self.key)
-        if self.ctx.log is not None:
-            self.ctx.log.info(f"{self.id}: closed")
+        ctx = self.ctx
+        ctx.ctr[how] += 1
+        ctx.table.remove(self.key)
+        if ctx.on_close is not None:
+            ctx.on_close(self)
+        if ctx.log is not None:
+            ctx.log.info(f"{self.id}: closed")
+
+    # -- what `show conns` says of it ------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if self.c2s is None:
+            return "connecting"
+        if self.c2s.done:
+            return "half-closed-C>S"
+        if self.s2c.done:
+            return "half-closed-S>C"
+        return "relaying"
+
+    def snapshot(self, now: float) -> tuple:
+        """(started, client, destination, source, state, age s, idle s,
+        bytes C>S, bytes S>C, which relays hold a pipe)."""
+        c2s, s2c = self.c2s, self.s2c
+        pipes = [r.name for r in (c2s, s2c) if r is not None and r.pipe is not None]
+        return (self.started, format_sockaddr(self.peer), format_sockaddr(self.dst),
+                self.source, self.state, now - self.started, now - self.active,
+                c2s.moved if c2s else 0, s2c.moved if s2c else 0, ",".join(pipes) or "-")
+
+
+def _server_socket(family: int, ctx: Context) -> socket.socket:
+    """A socket toward the server; out of descriptors, it takes the reserve's."""
+    try:
+        return _socket.socket(family, SOCK_FLAGS, ctx.server_proto)
+    except OSError as err:
+        if err.errno not in (errno.EMFILE, errno.ENFILE) or not ctx.reserve.release():
+            raise
+    return _socket.socket(family, SOCK_FLAGS, ctx.server_proto)

@@ -30,13 +30,16 @@ EVENTS = corecext.EVENTS
 class Loop:
     """One libev loop (epoll) and the watchers that run on it."""
 
-    __slots__ = ("_loop", "on_error")
+    __slots__ = ("_loop", "on_error", "now")
 
     def __init__(self, on_error: Callable[[object, BaseException], None] | None = None):
         # Not libev's default loop: that one also reaps children for gevent.
         self._loop = corecext.loop(default=False)
         self._loop.error_handler = self
         self.on_error = on_error
+        # now(): the wall-clock time at the start of this loop iteration
+        # (libev's ev_now), called per event: the C method itself.
+        self.now = self._loop.now
 
     def io(self, fd: int, events: int):
         return self._loop.io(fd, events)
@@ -46,9 +49,6 @@ class Loop:
 
     def signal(self, signum: int):
         return self._loop.signal(signum)
-
-    def now(self) -> float:
-        return self._loop.now()
 
     def run(self) -> None:
         """Until stop() is called or no watcher is left."""

@@ -29,37 +29,40 @@ PER_CONNECTION = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                   errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH)
 
 
-def open_listener(addr: Address, options: list, mptcp: bool = False,
-                  share_port: bool = False) -> socket.socket:
-    """Bound, listening, transparent; raises OSError (CapabilityError).
+def open_listeners(addr: Address, options: list, count: int,
+                   mptcp: bool = False) -> list[socket.socket]:
+    """count sockets bound to addr, listening, transparent, in one
+    SO_REUSEPORT group (one per worker: see master.py); raises OSError
+    (CapabilityError).
 
-    share_port (for -B client): a client whose source port is our listening
-    port can only be spoofed if our outgoing socket may bind that port too,
-    which the kernel allows when both sockets set SO_REUSEPORT. So that a
-    second daemon still cannot take the port, a plain socket first checks
-    that nobody holds it.
+    SO_REUSEPORT would let a second daemon join the group and take half the
+    connections, so a plain socket first checks that nobody holds the port.
+    The same option lets -B client spoof a client whose source port is our
+    listening port: the outgoing socket joins the port too (connection.py).
     """
     proto = IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP
-    if share_port:
-        with socket.socket(addr.family, socket.SOCK_STREAM, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(addr.sockaddr)
-    sock = socket.socket(addr.family, socket.SOCK_STREAM, proto)
+    with socket.socket(addr.family, socket.SOCK_STREAM, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(addr.sockaddr)
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if share_port:
+        for _ in range(count):
+            socks.append(socket.socket(addr.family, socket.SOCK_STREAM, proto))
+            sock = socks[-1]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        set_transparent(sock)
-        # Accepted sockets inherit these: set once here, not per connection.
-        for level, option, value in options:
-            sock.setsockopt(level, option, value)
-        sock.bind(addr.sockaddr)
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
+            set_transparent(sock)
+            # Accepted sockets inherit these: set once here, not per connection.
+            for level, option, value in options:
+                sock.setsockopt(level, option, value)
+            sock.bind(addr.sockaddr)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
     except BaseException:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise
-    return sock
+    return socks
 
 
 class Listener:
@@ -85,6 +88,7 @@ class Listener:
             watcher.stop()
             watcher.close()
         self.sock.close()
+        self.ctx.reserve.close()
 
     def _on_readable(self) -> None:
         accept = self.sock._accept
@@ -110,11 +114,16 @@ class Listener:
             except OSError:
                 client.close()
                 continue
-            if dst[1] == self.port and self._aimed_at_us(dst):
-                log.warning("{}-->{}: Connection directly to us, dropping",
-                            format_sockaddr(peer), format_sockaddr(dst))
+            try:
+                if dst[1] == self.port and self._aimed_at_us(dst):
+                    log.warning("{}-->{}: Connection directly to us, dropping",
+                                format_sockaddr(peer), format_sockaddr(dst))
+                    client.close()
+                    continue
+            except OSError as err:  # no descriptor for the probe
                 client.close()
-                continue
+                self._back_off(err)
+                return
             Connection(self.ctx, client, peer, dst)
 
     def _aimed_at_us(self, dst: tuple) -> bool:
@@ -145,5 +154,7 @@ class Listener:
             self.timer.start(self._resume)
 
     def _resume(self) -> None:
-        """Try again; _on_readable stops the timer once accept() works."""
-        self.watcher.start(self._on_readable)
+        """Try again once the reserve is back; _on_readable stops the timer
+        once accept() works."""
+        if self.ctx.reserve.restore():
+            self.watcher.start(self._on_readable)

@@ -16,19 +16,28 @@ from __future__ import annotations
 import fcntl
 import os
 
+from .counters import PIPES_FREE, PIPES_LENT, SLOT_WORDS
+
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20
 
 
 class PipePool:
-    __slots__ = ("_free", "max_free", "size", "lent", "_low")
+    __slots__ = ("_free", "max_free", "size", "lent", "_low", "ctr")
 
-    def __init__(self, max_free: int = 32, size: int = PIPE_SIZE):
+    def __init__(self, ctr: memoryview | None = None, max_free: int = 32,
+                 size: int = PIPE_SIZE):
         self._free: list[tuple[int, int]] = []
         self.max_free = max_free
         self.size = size
         self.lent: set = set()  # who holds a pipe: objects with a reclaim() method
         self._low = 0  # fewest free pipes since the last trim()
+        # The worker's counters, where the pool shows how many pipes it has.
+        self.ctr = ctr if ctr is not None else memoryview(bytearray(8 * SLOT_WORDS)).cast("Q")
+
+    def _show(self) -> None:
+        self.ctr[PIPES_LENT] = len(self.lent)
+        self.ctr[PIPES_FREE] = len(self._free)
 
     def take(self, borrower) -> tuple[int, int]:
         """(read end, write end) of an empty non-blocking pipe; OSError if none."""
@@ -45,6 +54,7 @@ class PipePool:
             except OSError:
                 pass
         self.lent.add(borrower)
+        self._show()
         return pipe
 
     def give(self, borrower, pipe: tuple[int, int], empty: bool = True) -> None:
@@ -54,6 +64,7 @@ class PipePool:
         else:
             os.close(pipe[0])
             os.close(pipe[1])
+        self._show()
 
     def reclaim(self, idle_only: bool = True) -> None:
         """Ask every borrower to give its pipe back if it no longer needs it
@@ -74,12 +85,14 @@ class PipePool:
             os.close(r)
             os.close(w)
         self._low = len(self._free)
+        self._show()
 
     def close(self) -> None:
         while self._free:
             r, w = self._free.pop()
             os.close(r)
             os.close(w)
+        self._show()
 
     def __len__(self) -> int:
         return len(self._free)

@@ -45,13 +45,17 @@ def interest(inbound: Relay, outbound: Relay) -> int:
 
 class Relay:
     __slots__ = ("src", "dst", "name", "pool", "pipe", "inpipe", "pending",
-                 "full", "eof", "done", "can_splice", "busy")
+                 "full", "eof", "done", "can_splice", "busy", "moved", "ctr", "counter")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, name: str, pool: PipePool):
+    def __init__(self, src: socket.socket, dst: socket.socket, name: str, pool: PipePool,
+                 ctr: memoryview, counter: int):
         self.src = src
         self.dst = dst
         self.name = name          # "C>S" or "S>C", as in the log
         self.pool = pool
+        self.moved = 0            # bytes delivered to dst
+        self.ctr = ctr            # the worker's counters; ctr[counter] sums `moved`
+        self.counter = counter
         self.pipe: tuple[int, int] | None = None
         self.inpipe = 0           # bytes sitting in the pipe
         self.pending: bytes | None = None  # copy mode: bytes dst did not take
@@ -91,6 +95,8 @@ class Relay:
             except (BlockingIOError, InterruptedError):
                 return
             self.pending = pending[sent:] if sent < len(pending) else None
+            self.moved += sent
+            self.ctr[self.counter] += sent
         else:
             self._drain()
         if self.eof and not self.writing:
@@ -116,6 +122,8 @@ class Relay:
             sent = self.dst.send(_view[:n])
         except (BlockingIOError, InterruptedError):
             sent = 0
+        self.moved += sent
+        self.ctr[self.counter] += sent
         if sent < n:
             self.pending = bytes(_view[sent:n])
 
@@ -148,6 +156,8 @@ class Relay:
             except (BlockingIOError, InterruptedError):
                 return
             self.inpipe -= n
+            self.moved += n
+            self.ctr[self.counter] += n
             self.full = False
 
     def _end(self) -> bool:

@@ -1,10 +1,12 @@
-"""Wires the parts together and runs the loop: start-up, signals, shutdown.
+"""Start-up: from parsed options to a running master, and the exit status.
 
 Start-up follows the original, so its lines and exit codes stay true: log
-file, "starting up", the listener (bound before detaching, so "address in
-use" reaches the launcher's exit status directly), the outgoing address,
-detach, pid file, "Setup done". Shutdown: stop accepting, close every
-connection, remove the pid file.
+file, "starting up", the listening sockets (bound before detaching, so
+"address in use" reaches the launcher's exit status directly), the outgoing
+address, detach, pid file, then the master starts the workers, and once
+every one serves: the launcher's report and "Setup done". Shutdown is the
+master's (master.py): the workers close their connections, then the pid
+file goes.
 """
 
 from __future__ import annotations
@@ -18,17 +20,14 @@ from loguru import logger as log
 
 from . import NAME, __version__, sockopts
 from .config import Config
-from .connection import Context
+from .counters import Board
 from .daemon import EX_OSERR, Launch, StartupError, detach, write_pid_file
-from .evloop import Loop
-from .listener import Listener, open_listener
+from .listener import open_listeners
 from .logs import Log
-from .pipes import PipePool
-from .table import ConnectionTable
+from .master import Master
 
 # Two descriptors per connection, a few for pipes and the daemon itself.
 FEW_DESCRIPTORS = 4096
-PIPE_TRIM_INTERVAL = 1.0  # seconds; idle pipes go after one to two of these
 
 
 def run(config: Config) -> int:
@@ -41,7 +40,7 @@ def run(config: Config) -> int:
         return EX_OSERR
     log.info("{} version {} starting up", NAME, __version__)
     try:
-        listener_sock = _listen(config)
+        listeners = _listen(config)
     except StartupError as err:
         return _fatal(logs, err)
     if config.spoof_client:
@@ -51,9 +50,8 @@ def run(config: Config) -> int:
 
     launch = Launch()
     if not config.foreground:
-        keep = [listener_sock.fileno()]
-        logs.close()  # reopened below: loguru's handles do not survive the fork
-        result = detach(keep)
+        logs.close()  # reopened below: python-daemon closes what it does not know
+        result = detach([sock.fileno() for sock in listeners])
         if isinstance(result, int):
             return result
         launch = result
@@ -64,28 +62,40 @@ def run(config: Config) -> int:
         launch.report(err.status, str(err))
         return _fatal(logs, err)
     _raise_descriptor_limit()
-    daemon = Daemon(config, listener_sock, logs)
-    launch.report(0)
-    log.info("Setup done, starting event loop")
-    daemon.run()
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE is handled per send
+    # A slot per worker, and room for the workers of an upgrade (old and new).
+    board = Board(slots=4 * config.workers + 8)
+    master = Master(config, listeners, logs, board)
+    outcome = []
+
+    def ready(status: int, message: str) -> None:
+        outcome.append(status)
+        launch.report(status, message)
+        if status == 0:
+            log.info("Setup done, starting event loop")
+        else:
+            log.error("{}", message)
+
+    master.run(ready)
     log.info("Exiting cleanly...")
     if pidfile is not None:
         pidfile.release()
+    board.close()
     logs.close()
-    return 0
+    return outcome[0] if outcome else EX_OSERR
 
 
-def _listen(config: Config) -> socket.socket:
+def _listen(config: Config) -> list[socket.socket]:
     options = sockopts.tcp_options(config, config.client_congestion)
     try:
-        sock = open_listener(config.listen, options, mptcp=config.mptcp_listen,
-                             share_port=config.spoof_client)
+        socks = open_listeners(config.listen, options, config.workers,
+                               mptcp=config.mptcp_listen)
     except sockopts.CapabilityError as err:
         raise StartupError(str(err)) from None
     except OSError as err:
         raise StartupError(f"Can not listen on {config.listen}: {err.strerror}") from None
     log.info("Listening on {}", config.listen)
-    return sock
+    return socks
 
 
 def _fatal(logs: Log, err: StartupError) -> int:
@@ -104,71 +114,3 @@ def _raise_descriptor_limit() -> None:
         log.warning("The open-file limit is {} (hard): at most about {} "
                     "connections at once; raise it (ulimit -Hn, LimitNOFILE=)",
                     hard, (hard - 8) // 2)
-
-
-class Daemon:
-    """The running daemon: loop, listener, connections, signal watchers."""
-
-    def __init__(self, config: Config, listener_sock: socket.socket, logs: Log):
-        self.logs = logs
-        self.loop = Loop(on_error=self._on_error)
-        self.pool = PipePool()
-        self.table = ConnectionTable()
-        self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table,
-                           log=None if config.quiet else logs,
-                           **_outgoing(config))
-        self.listener = Listener(listener_sock, config.listen, self.ctx)
-        self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE is handled per send
-        self.signals = []
-        for signum, handler in ((signal.SIGINT, self._on_exit_signal),
-                                (signal.SIGTERM, self._on_exit_signal),
-                                (signal.SIGHUP, self._on_hup)):
-            watcher = self.loop.signal(signum)
-            watcher.start(handler, signum)
-            self.signals.append(watcher)
-
-    def run(self) -> None:
-        self.listener.start()
-        self.trim.start(self.pool.trim)
-        self.logs.attach(self.loop)
-        self.loop.run()
-        self._close()
-
-    # SIGINT, SIGTERM: leave the loop; _close() does the rest in order.
-    def _on_exit_signal(self, signum: int) -> None:
-        log.info("Received {}, exiting", signal.Signals(signum).name)
-        self.loop.stop()
-
-    # SIGHUP: logrotate moved the log file away.
-    def _on_hup(self, signum: int) -> None:
-        self.logs.reopen()
-
-    def _on_error(self, context, err: BaseException) -> None:
-        log.opt(exception=err).error("Unexpected error in {}", context)
-
-    def _close(self) -> None:
-        """Stop accepting, then close every connection, then the loop."""
-        self.listener.close()
-        for connection in self.table.connections():
-            connection.close()
-        for watcher in (*self.signals, self.trim):
-            watcher.stop()
-            watcher.close()
-        self.pool.close()
-        self.logs.detach()
-        self.loop.destroy()
-
-
-def _outgoing(config: Config) -> dict:
-    """How Connection makes its socket to the original destination."""
-    out = {"server_options": sockopts.tcp_options(config, config.congestion),
-           "server_proto": sockopts.IPPROTO_MPTCP if config.mptcp else socket.IPPROTO_TCP,
-           "spoof_client": config.spoof_client,
-           "listen_port": config.listen.port}
-    addr = config.outgoing
-    if addr is not None and not (addr.is_wildcard and addr.port == 0):
-        out.update(bind_address=addr.sockaddr, bind_family=addr.family,
-                   bind_no_port=addr.port == 0)
-    return out
-

@@ -13,11 +13,12 @@ from sortedcontainers import SortedDict
 
 
 class ConnectionTable:
-    __slots__ = ("_live", "_serial")
+    __slots__ = ("_live", "_serial", "on_empty")
 
     def __init__(self):
         self._live = SortedDict()
         self._serial = count()
+        self.on_empty = None  # called when the last connection goes (draining)
 
     def add(self, connection) -> int:
         key = next(self._serial)
@@ -26,6 +27,8 @@ class ConnectionTable:
 
     def remove(self, key: int) -> None:
         del self._live[key]
+        if self.on_empty is not None and not self._live:
+            self.on_empty()
 
     def __len__(self) -> int:
         return len(self._live)

@@ -98,21 +98,34 @@ class Daemon:
             return self.proc.poll() is None
         return self.pid is not None and pid_alive(self.pid)
 
+    def workers(self) -> list[int]:
+        """The pids of the daemon's workers (the master's children)."""
+        try:
+            return [int(pid) for pid in
+                    Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    @property
+    def worker(self) -> int:
+        """The pid of the one worker (-w 1, the default)."""
+        [pid] = wait_for(self.workers, 10, "the daemon's worker")
+        return pid
+
     def fds(self) -> list[str]:
-        """Where each open descriptor points (``socket:[...]``, ``pipe:[...]``, paths)."""
-        base = f"/proc/{self.pid}/fd"
-        found = []
-        for fd in os.listdir(base):
-            with contextlib.suppress(OSError):
-                found.append(os.readlink(f"{base}/{fd}"))
-        return found
+        """Where each open descriptor of the workers points (``socket:[...]``,
+        ``pipe:[...]``, paths): the connections live there."""
+        return [fd for pid in self.workers() for fd in _fds(pid)]
+
+    def master_fds(self) -> list[str]:
+        return _fds(self.pid)
 
     def pipes(self) -> list[str]:
         return [fd for fd in self.fds() if fd.startswith("pipe:")]
 
     def borrow_sockets(self) -> list[socket.socket]:
-        """Duplicates of the daemon's sockets, to inspect with getsockopt()."""
-        return borrow_sockets(self.pid)
+        """Duplicates of the worker's sockets, to inspect with getsockopt()."""
+        return borrow_sockets(self.worker)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -146,3 +159,13 @@ class Daemon:
         """The log lines containing text, once there are at least count of them."""
         return wait_for(lambda: len(self.lines(text)) >= count and self.lines(text),
                         timeout, f"{count} log line(s) with {text!r}\n{self.output()}")
+
+
+def _fds(pid: int) -> list[str]:
+    found = []
+    base = f"/proc/{pid}/fd"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(base):
+            with contextlib.suppress(OSError):
+                found.append(os.readlink(f"{base}/{fd}"))
+    return found

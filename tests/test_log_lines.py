@@ -85,8 +85,12 @@ def test_sigterm_under_load_loses_no_line(topo, peers, start_daemon):
     assert daemon.log_path.read_text().rstrip().endswith("Exiting cleanly...")
 
 
-def test_rotation_under_load_loses_no_line_and_closes_the_old_file(topo, peers, start_daemon):
-    daemon = start_daemon(log_file=True)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_rotation_under_load_loses_no_line_and_closes_the_old_file(topo, peers, start_daemon,
+                                                                     workers):
+    """With two workers appending to one file, no line is cut by another
+    (kinds() checks the form of every line)."""
+    daemon = start_daemon("-w", workers, log_file=True)
     rotated: list[Path] = []
     with ShortConnections(topo) as load:
         for n in range(1, 6):
@@ -96,8 +100,8 @@ def test_rotation_under_load_loses_no_line_and_closes_the_old_file(topo, peers, 
             daemon.signal(signal.SIGHUP)
             wait_for(daemon.log_path.exists, 10, "the new log file")
     assert not load.failed, load.failed
-    wait_for(lambda: not any(str(path) in daemon.fds() for path in rotated), 10,
-             "the rotated files to be closed")
+    wait_for(lambda: not any(str(path) in daemon.fds() + daemon.master_fds() for path in rotated),
+             10, "the rotated files to be closed")
     daemon.stop()
     total = dict.fromkeys(KINDS, 0)
     for path in rotated:

@@ -143,7 +143,7 @@ def test_ss_shows_the_options_on_every_subflow(topo, sink, start_daemon):
         sock.sendall(bytes(100_000))
 
         def subflows():
-            found = [line for line in ss(topo) if f"pid={daemon.pid}," in line.owner
+            found = [line for line in ss(topo) if f"pid={daemon.worker}," in line.owner
                      and "tcp-ulp-mptcp" in line.info]
             return found if len(found) == 2 else None
         found = wait_for(subflows, 5, "two subflows in the router's ss")
@@ -151,7 +151,7 @@ def test_ss_shows_the_options_on_every_subflow(topo, sink, start_daemon):
         for line in found:
             assert line.congestion == "cubic", line
             assert line.timer[0] == "keepalive" and 20 < line.timer[1] <= 30, line
-        [accepted] = [line for line in ss(topo) if f"pid={daemon.pid}," in line.owner
+        [accepted] = [line for line in ss(topo) if f"pid={daemon.worker}," in line.owner
                       and line.local == f"{topo.SERVER4}:{SINK_PORT}"]
         assert accepted.congestion == "reno"
         mptcp = topo.run(topo.rtr, "ss", "-HMi", "state", "established").stdout

@@ -62,7 +62,7 @@ def ss(topo) -> list[SsLine]:
 def sides(topo, daemon, client_port: int) -> tuple[SsLine, SsLine]:
     """(accepted, outgoing): the daemon's two sockets of one connection."""
     server = f"{topo.SERVER4}:{ECHO}"
-    mine = [line for line in ss(topo) if f"pid={daemon.pid}," in line.owner]
+    mine = [line for line in ss(topo) if f"pid={daemon.worker}," in line.owner]
     [accepted] = [s for s in mine if (s.local, s.peer) == (server, f"{topo.CLIENT4}:{client_port}")]
     [outgoing] = [s for s in mine if s.peer == server]
     return accepted, outgoing

@@ -1,0 +1,98 @@
+"""The channel between the master and one worker: a socketpair, lines of text.
+
+    master -> worker   "conns"  answer with one line per connection, oldest
+                                first, then an empty line
+                       "drain"  stop accepting; exit once the last
+                                connection is gone (or --drain-timeout)
+    worker -> master   "ready"  once, when the worker's loop runs
+                       the answer to "conns"
+
+Both ends are non-blocking and watched by their own loop: a slow reader
+never blocks the writer, whose lines wait in memory. The master's end
+survives the master's exec (upgrade), so the new program goes on talking
+to the old workers; a worker that reads EOF has lost its master for good.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+from .evloop import READ, WRITE, Loop
+
+MAX_LINE = 1 << 20  # a line longer than this is a broken peer
+
+
+class Channel:
+    """One end: on_line(line) for every line read, on_eof() once at the end
+    (EOF, an error, or a line too long). close() is idempotent."""
+
+    def __init__(self, loop: Loop, sock: socket.socket, on_line: Callable[[str], None],
+                 on_eof: Callable[[], None]):
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_line = on_line
+        self.on_eof = on_eof
+        self._in = b""
+        self._out: list[bytes] = []
+        self._reader = loop.io(sock.fileno(), READ)
+        self._writer = loop.io(sock.fileno(), WRITE)
+        self._reader.start(self._on_readable)
+        self.closed = False
+
+    def send(self, *lines: str) -> None:
+        if self.closed:
+            return
+        self._out.append("".join(f"{line}\n" for line in lines).encode())
+        if not self._writer.active:
+            self._on_writable()
+
+    def _on_writable(self) -> None:
+        data = b"".join(self._out)
+        self._out.clear()
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._end()
+            return
+        if sent < len(data):
+            self._out.append(data[sent:])
+            if not self._writer.active:
+                self._writer.start(self._on_writable)
+        elif self._writer.active:
+            self._writer.stop()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._end()
+            return
+        *lines, self._in = (self._in + data).split(b"\n")
+        if len(self._in) > MAX_LINE:
+            self._end()
+            return
+        for line in lines:
+            if self.closed:
+                return
+            self.on_line(line.decode(errors="replace"))
+
+    def _end(self) -> None:
+        if not self.closed:
+            self.close()
+            self.on_eof()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for watcher in (self._reader, self._writer):
+            watcher.stop()
+            watcher.close()
+        self.sock.close()

@@ -1,0 +1,264 @@
+"""The master: the process in the pid file. It holds the listening sockets,
+forks the workers that accept and relay, replaces a worker that dies, and
+turns signals into what they mean. It never touches a connection.
+
+Signals (each handler below says the same):
+  SIGTERM, SIGINT  stop: TERM to every worker (they close their
+                   connections), wait for them, exit 0
+  SIGHUP           reopen the log here and in every worker
+  SIGCHLD          reap workers; one that died unasked is replaced
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import socket
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loguru import logger as log
+
+from .channel import Channel
+from .config import Config
+from .counters import PID, WORKER_RESTARTS, Board
+from .evloop import Loop
+from .logs import Log
+from .worker import Worker
+
+STOP_TIMEOUT = 10.0    # seconds workers get to close their connections before KILL
+RESPAWN_DELAY = 1.0    # a worker that died young is replaced after this long
+YOUNG = 1.0            # seconds: a worker dying this soon is failing to start
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """The master's view of one worker process."""
+    pid: int
+    number: int          # 1..N; worker N serves listener N-1
+    slot: int            # its counters
+    channel: Channel | None = None
+    state: str = "starting"   # starting, serving, draining, stopping
+    started: float = 0.0
+    conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
+    conns_lines: list = field(default_factory=list)
+
+
+class Master:
+    def __init__(self, config: Config, listeners: list[socket.socket], logs: Log, board: Board):
+        self.config = config
+        self.listeners = listeners
+        self.logs = logs
+        self.board = board
+        self.loop = Loop(on_error=self._on_error)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.stopping = False
+        self.on_ready: Callable[[int, str], None] | None = None
+        self.respawn = self.loop.timer(RESPAWN_DELAY, RESPAWN_DELAY)
+        self.stop_timer = self.loop.timer(STOP_TIMEOUT)
+        self.signals = []
+        for signum, handler in ((signal.SIGINT, self._on_exit_signal),
+                                (signal.SIGTERM, self._on_exit_signal),
+                                (signal.SIGHUP, self._on_hup),
+                                (signal.SIGCHLD, self._on_child)):
+            watcher = self.loop.signal(signum)
+            watcher.start(handler, signum)
+            self.signals.append(watcher)
+
+    def run(self, on_ready: Callable[[int, str], None]) -> None:
+        """Start the workers; on_ready(0, "") once every one of them serves,
+        or on_ready(status, why) if one failed first; then run until stopped."""
+        self.on_ready = on_ready
+        for number in range(1, self.config.workers + 1):
+            self._spawn(number)
+        self.logs.attach(self.loop)
+        self.loop.run()
+        self._close()
+
+    # -- workers ------------------------------------------------------------------
+
+    def _spawn(self, number: int) -> None:
+        """Fork worker `number`; a failure to fork is retried by the respawn timer."""
+        slot = self.board.claim()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.logs.flush()
+        # Objects of the master that the child never uses must never be
+        # freed there either: their descriptors are closed under them, and
+        # the numbers reused by the worker's connections.
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError as err:
+            gc.unfreeze()
+            self.board.retire(slot)
+            ours.close()
+            theirs.close()
+            log.error("Can not start worker {}: fork(): {}", number, err.strerror)
+            self._schedule_respawn()
+            return
+        if pid == 0:
+            os._exit(self._become_worker(number, slot, theirs))
+        gc.unfreeze()
+        theirs.close()
+        self.board.slot(slot)[PID] = pid
+        handle = WorkerHandle(pid, number, slot, started=self.loop.now())
+        handle.channel = Channel(self.loop, ours, lambda line: self._on_line(handle, line),
+                                 lambda: None)
+        self.workers[pid] = handle
+
+    def _become_worker(self, number: int, slot: int, channel: socket.socket) -> int:
+        """In the forked child: drop everything of the master's, serve, exit."""
+        try:
+            for watcher in self.signals:  # libev: a signal belongs to one loop
+                watcher.stop()
+            listener = self.listeners[number - 1]
+            keep = {0, 1, 2, channel.fileno(), listener.fileno()}
+            if self.logs.fileno() is not None:
+                keep.add(self.logs.fileno())
+            _close_all_but(keep)
+            self.logs.detach()
+            worker = Worker(self.config, listener, channel, self.board.slot(slot), self.logs)
+            return worker.run()
+        except BaseException:
+            traceback.print_exc()
+            log.opt(exception=True).error("Worker {} failed", number)
+            return 70
+
+    def _on_line(self, handle: WorkerHandle, line: str) -> None:
+        if handle.state == "starting" and line == "ready":
+            handle.state = "serving"
+            self._check_ready()
+        elif handle.conns_waiting:
+            if line:
+                handle.conns_lines.append(line)
+            else:  # the empty line ends an answer
+                lines, handle.conns_lines = handle.conns_lines, []
+                handle.conns_waiting.pop(0)(lines)
+
+    def _check_ready(self) -> None:
+        if self.on_ready is None:
+            return
+        if sum(h.state == "serving" for h in self.workers.values()) == self.config.workers:
+            on_ready, self.on_ready = self.on_ready, None
+            on_ready(0, "")
+
+    # SIGCHLD: one or more workers exited.
+    def _on_child(self, signum: int) -> None:
+        for pid, handle in list(self.workers.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                self._exited(handle, status)
+
+    def _exited(self, handle: WorkerHandle, status: int) -> None:
+        del self.workers[handle.pid]
+        handle.channel.close()
+        self.board.retire(handle.slot)
+        for callback in handle.conns_waiting:
+            callback(handle.conns_lines)
+        how = _describe(status)
+        if self.stopping or handle.state == "draining":
+            log.info("Worker {} (pid {}) {}", handle.number, handle.pid, how)
+        elif self.on_ready is not None:
+            on_ready, self.on_ready = self.on_ready, None
+            on_ready(71, f"Worker {handle.number} {how} during start-up")
+            self._stop()
+        else:
+            log.error("Worker {} (pid {}) {}; starting another", handle.number, handle.pid, how)
+            self.board.slot(0)[WORKER_RESTARTS] += 1
+            if self.loop.now() - handle.started < YOUNG:
+                self._schedule_respawn()
+            else:
+                self._spawn(handle.number)
+        if self.stopping and not self.workers:
+            self.loop.stop()
+
+    def _schedule_respawn(self) -> None:
+        if not self.respawn.active:
+            self.respawn.start(self._respawn_missing)
+
+    def _respawn_missing(self) -> None:
+        """Start every worker number that has no process serving it."""
+        self.respawn.stop()
+        if self.stopping:
+            return
+        serving = {h.number for h in self.workers.values() if h.state != "draining"}
+        for number in range(1, self.config.workers + 1):
+            if number not in serving:
+                self._spawn(number)
+
+    # -- signals -------------------------------------------------------------------
+
+    # SIGINT, SIGTERM: every worker closes its connections; we wait for them.
+    def _on_exit_signal(self, signum: int) -> None:
+        log.info("Received {}, exiting", signal.Signals(signum).name)
+        self._stop()
+
+    def _stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.respawn.stop()
+        for handle in self.workers.values():
+            handle.state = "stopping"
+            _kill(handle.pid, signal.SIGTERM)
+        if not self.workers:
+            self.loop.stop()
+        else:
+            self.stop_timer.start(self._stop_overdue)
+
+    def _stop_overdue(self) -> None:
+        for handle in self.workers.values():
+            log.error("Worker {} (pid {}) did not stop within {} s; killing it",
+                      handle.number, handle.pid, STOP_TIMEOUT)
+            _kill(handle.pid, signal.SIGKILL)
+        self.stop_timer.stop()
+        self.stop_timer = self.loop.timer(STOP_TIMEOUT)
+        self.stop_timer.start(self.loop.stop)
+
+    # SIGHUP: logrotate moved the log file away; every process reopens it.
+    def _on_hup(self, signum: int) -> None:
+        self.logs.reopen()
+        for handle in self.workers.values():
+            _kill(handle.pid, signal.SIGHUP)
+
+    def _on_error(self, context, err: BaseException) -> None:
+        log.opt(exception=err).error("Unexpected error in {}", context)
+
+    def _close(self) -> None:
+        for watcher in (*self.signals, self.respawn, self.stop_timer):
+            watcher.stop()
+            watcher.close()
+        for handle in self.workers.values():
+            handle.channel.close()
+        for sock in self.listeners:
+            sock.close()
+        self.logs.detach()
+        self.loop.destroy()
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor of this process that is not in keep."""
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -1,0 +1,101 @@
+"""What `show info` and `show conns` say, in plain lines an operator greps
+(HAProxy's stats socket is the model: `Key: value`, and a table with a
+`#` header line). The control socket, SIGUSR1 and the metrics read the same
+numbers; only the text is made here.
+
+A worker describes each of its connections in one tab-separated line
+(`encode`); the master merges the workers' lines, oldest first, into the
+table (`conns_table`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import counters as c
+
+CONNS_HEADER = ("# worker client destination source state age_s idle_s "
+                "bytes_c2s bytes_s2c pipe")
+
+# show info: the counters, in this order, under these names.
+INFO_COUNTERS = (
+    ("Connections_accepted", c.ACCEPTED),
+    ("Limited_max_connections", c.LIMITED_MAX_CONNECTIONS),
+    ("Limited_max_per_client", c.LIMITED_MAX_PER_CLIENT),
+    ("Connect_failed_refused", c.CONNECT_REFUSED),
+    ("Connect_failed_unreachable", c.CONNECT_UNREACHABLE),
+    ("Connect_failed_timeout", c.CONNECT_TIMEOUT),
+    ("Connect_failed_other", c.CONNECT_OTHER),
+    ("Closed_clean", c.CLOSED_CLEAN),
+    ("Closed_reset", c.CLOSED_RESET),
+    ("Closed_idle_timeout", c.CLOSED_IDLE_TIMEOUT),
+    ("Bytes_c2s", c.BYTES_C2S),
+    ("Bytes_s2c", c.BYTES_S2C),
+    ("Pipes_lent", c.PIPES_LENT),
+    ("Pipes_free", c.PIPES_FREE),
+    ("Worker_restarts", c.WORKER_RESTARTS),
+)
+
+
+def encode(pid: int, snapshot: tuple) -> str:
+    """A worker's line for one connection (Connection.snapshot())."""
+    started, client, dst, src, state, age, idle, c2s, s2c, pipe = snapshot
+    return (f"{started:.6f}\t{pid}\t{client}\t{dst}\t{src}\t{state}\t{age:.1f}\t{idle:.1f}"
+            f"\t{c2s}\t{s2c}\t{pipe}")
+
+
+def conns_table(lines: list[str]) -> list[str]:
+    """The workers' lines as the table: a header, then oldest first."""
+    rows = sorted((line.split("\t") for line in lines), key=lambda row: float(row[0]))
+    return [CONNS_HEADER, *(" ".join(row[1:]) for row in rows)]
+
+
+@dataclass
+class Process:
+    """One process of the daemon, as show info lists it."""
+    role: str      # "master", or "worker N"
+    pid: int
+    state: str = ""
+    counts: list[int] | None = None  # a worker's counters
+
+    def fds(self) -> int:
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return 0
+
+    def rss_kib(self) -> int:
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+
+def info_lines(*, name: str, version: str, options: str, uptime: float,
+               processes: list[Process], totals: list[int]) -> list[str]:
+    master = processes[0]
+    days, rest = divmod(int(uptime), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    lines = [f"Name: {name}", f"Version: {version}", f"Pid: {master.pid}",
+             f"Uptime: {days}d {hours}h{minutes:02d}m{seconds:02d}s",
+             f"Uptime_sec: {int(uptime)}", f"Options: {options}",
+             f"Workers: {sum(p.role.startswith('worker') for p in processes)}",
+             f"Connections_open: {c.open_connections(totals)}"]
+    lines += [f"{key}: {totals[index]}" for key, index in INFO_COUNTERS]
+    fds = [p.fds() for p in processes]
+    rss = [p.rss_kib() for p in processes]
+    lines += [f"Fds: {sum(fds)}", f"Rss_kib: {sum(rss)}"]
+    for process, nfds, kib in zip(processes, fds, rss, strict=True):
+        line = f"Process: {process.role} pid={process.pid}"
+        if process.state:
+            line += f" state={process.state}"
+        if process.counts is not None:
+            line += f" connections={c.open_connections(process.counts)}"
+        lines.append(f"{line} fds={nfds} rss_kib={kib}")
+    return lines

@@ -1,0 +1,156 @@
+"""A worker: one process, one libev loop, accepting on its listener and
+relaying the connections it accepted. It knows of the master only its
+channel (ready, conns, drain) and its slot of counters.
+
+Life of a worker:
+  serving   accepting and relaying
+  draining  after "drain" (an upgrade started new workers): the listener is
+            closed here (the master keeps it open for the new workers), the
+            connections go on until they end; the worker exits when the last
+            one is gone, or closes them after --drain-timeout
+  stopping  SIGTERM or SIGINT, or the master is gone (EOF on the channel):
+            stop accepting, close every connection, exit
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from loguru import logger as log
+
+from . import report
+from .channel import Channel
+from .config import Config
+from .connection import Context
+from .evloop import Loop
+from .listener import Listener
+from .logs import Log
+from .pipes import PipePool
+from .sockopts import IPPROTO_MPTCP, tcp_options
+from .table import ConnectionTable
+
+PIPE_TRIM_INTERVAL = 1.0  # seconds; idle pipes go after one to two of these
+
+
+class Worker:
+    def __init__(self, config: Config, listener_sock: socket.socket, channel_sock: socket.socket,
+                 ctr: memoryview, logs: Log):
+        self.config = config
+        self.logs = logs
+        self.loop = Loop(on_error=self._on_error)
+        self.pool = PipePool(ctr)
+        self.table = ConnectionTable()
+        self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table, ctr=ctr,
+                           log=None if config.quiet else logs, **outgoing(config))
+        self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx)
+        self.channel = Channel(self.loop, channel_sock, self._on_command, self._on_master_gone)
+        self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
+        self.drain_timer = None
+        self.status = 0
+        self.signals = []
+        for signum, handler in ((signal.SIGINT, self._on_exit_signal),
+                                (signal.SIGTERM, self._on_exit_signal),
+                                (signal.SIGHUP, self._on_hup)):
+            watcher = self.loop.signal(signum)
+            watcher.start(handler, signum)
+            self.signals.append(watcher)
+        # The master's business: a USR1 or USR2 sent here by mistake must
+        # not kill the worker (their default action).
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)
+
+    def run(self) -> int:
+        """Serve until told to stop; the exit status."""
+        self.listener.start()
+        self.trim.start(self.pool.trim)
+        self.logs.attach(self.loop)
+        self.channel.send("ready")
+        self.loop.run()
+        self._close()
+        return self.status
+
+    # -- what the master says ------------------------------------------------
+
+    def _on_command(self, line: str) -> None:
+        if line == "conns":
+            self.channel.send(*self._connection_lines(), "")
+        elif line == "drain":
+            self._drain()
+        else:
+            log.error("Unknown command from the master: {!r}", line)
+
+    # EOF on the channel: the master died (it never closes it otherwise).
+    def _on_master_gone(self) -> None:
+        log.error("The master process is gone; closing every connection and exiting")
+        self.status = 1
+        self.loop.stop()
+
+    def _drain(self) -> None:
+        """Stop accepting; leave the loop once no connection is left."""
+        if self.listener is None:
+            return
+        self.listener.close()
+        self.listener = None
+        self.table.on_empty = self.loop.stop
+        if not len(self.table):
+            self.loop.stop()
+        elif self.config.drain_timeout:
+            self.drain_timer = self.loop.timer(self.config.drain_timeout)
+            self.drain_timer.start(self._drain_overdue)
+
+    def _drain_overdue(self) -> None:
+        """--drain-timeout: cut what is left (with a reset: bytes may be lost)."""
+        log.warning("Drain timeout: closing the last {} connection(s)", len(self.table))
+        for connection in self.table.connections():
+            connection.abort()
+        self.loop.stop()
+
+    def _connection_lines(self) -> list[str]:
+        now, pid = self.loop.now(), os.getpid()
+        return [report.encode(pid, connection.snapshot(now))
+                for connection in self.table.connections()]
+
+    # -- signals ----------------------------------------------------------------
+
+    # SIGINT, SIGTERM: leave the loop; _close() does the rest in order.
+    def _on_exit_signal(self, signum: int) -> None:
+        self.loop.stop()
+
+    # SIGHUP (forwarded by the master): logrotate moved the log file away.
+    def _on_hup(self, signum: int) -> None:
+        self.logs.reopen()
+
+    def _on_error(self, context, err: BaseException) -> None:
+        log.opt(exception=err).error("Unexpected error in {}", context)
+
+    def _close(self) -> None:
+        """Stop accepting, then close every connection, then the loop."""
+        if self.listener is not None:
+            self.listener.close()
+        for connection in self.table.connections():
+            connection.close()
+        watchers = [*self.signals, self.trim]
+        if self.drain_timer is not None:
+            watchers.append(self.drain_timer)
+        for watcher in watchers:
+            watcher.stop()
+            watcher.close()
+        self.channel.close()
+        self.pool.close()
+        self.logs.detach()
+        self.loop.destroy()
+
+
+def outgoing(config: Config) -> dict:
+    """How Connection makes its socket to the original destination."""
+    out = {"server_options": tcp_options(config, config.congestion),
+           "server_proto": IPPROTO_MPTCP if config.mptcp else socket.IPPROTO_TCP,
+           "spoof_client": config.spoof_client,
+           "listen_port": config.listen.port}
+    addr = config.outgoing
+    if addr is not None and not (addr.is_wildcard and addr.port == 0):
+        out.update(bind_address=addr.sockaddr, bind_family=addr.family,
+                   bind_no_port=addr.port == 0)
+    return out

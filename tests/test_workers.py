@@ -1,0 +1,117 @@
+"""Several workers (-w): connections spread over them, a worker that dies is
+replaced while the others go on relaying, and signals to the master mean
+what they meant with one process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+from .peers import ECHO, exchange, payload, read_to_eof, sha256
+from .topology import pid_alive, wait_for
+
+OWNER = re.compile(r"pid=(\d+),")
+
+
+def owners(topo, client: str) -> dict[int, int]:
+    """Which process owns the router's sockets accepted from client: {pid: count}
+    (`ss -tnp`, as an operator asks)."""
+    out = topo.run(topo.rtr, "ss", "-Htnp", "state", "established").stdout
+    found: dict[int, int] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[3].rsplit(":", 1)[0].strip("[]") == client:  # the peer is the client
+            for pid in {int(p) for p in OWNER.findall(line)}:
+                found[pid] = found.get(pid, 0) + 1
+    return found
+
+
+def test_connections_land_on_both_workers(topo, peers, start_daemon):
+    daemon = start_daemon("-w", "2")
+    workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10,
+                       "two workers")
+    socks = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(40)]
+    try:
+        for n, sock in enumerate(socks):
+            data = payload(1000, seed=n)
+            sock.sendall(data)
+            assert sock.recv(len(data), socket.MSG_WAITALL) == data
+        seen = owners(topo, topo.CLIENT4)
+        assert set(seen) == set(workers), f"sockets owned by {seen}, workers {workers}"
+        assert sum(seen.values()) == 40
+        assert daemon.pid not in seen, "the master holds a connection"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_killed_worker_is_replaced_and_the_others_transfer_goes_on(topo, peers,
+                                                                    start_daemon):
+    daemon = start_daemon("-w", "2", log_file=True)
+    wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
+    data = payload(8 << 20, seed=7)
+    killed_at: list[float] = []
+
+    def kill(pid: int) -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as held:
+        held.settimeout(30)
+        [holder] = owners(topo, topo.CLIENT4)
+        [victim] = set(daemon.workers()) - {holder}
+        # Half the bytes, the other worker killed, the other half.
+        sender = threading.Thread(target=_send_in_halves, args=(held, data), daemon=True)
+        killer = threading.Timer(0.15, kill, args=(victim,))
+        sender.start()
+        killer.start()
+        got = read_to_eof(held)
+        sender.join(timeout=30)
+        killer.join(timeout=5)
+    assert got == (len(data), sha256(data), "eof"), "the held transfer was damaged"
+    new = wait_for(lambda: len(daemon.workers()) == 2 and victim not in daemon.workers()
+                   and daemon.workers(), 5, "a new worker")
+    assert holder in new
+    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL; starting another")
+    replaced = [w for w in new if w != holder][0]
+    started = float(open(f"/proc/{replaced}/stat").read().rsplit(")", 1)[1].split()[19])
+    assert started / os.sysconf("SC_CLK_TCK") - _uptime_at(killed_at[0]) < 1.0
+    for n in range(10):  # and both serve
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+            small = payload(100, seed=100 + n)
+            assert exchange(sock, small) == (100, sha256(small), "eof")
+
+
+def _uptime_at(monotonic: float) -> float:
+    """The system's uptime (the clock of /proc/PID/stat's start time) at a
+    time.monotonic() reading."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - (time.monotonic() - monotonic)
+
+
+def _send_in_halves(sock, data: bytes) -> None:
+    half = len(data) // 2
+    sock.sendall(data[:half])
+    time.sleep(0.3)
+    sock.sendall(data[half:])
+    sock.shutdown(1)  # SHUT_WR
+
+
+def test_sigterm_to_the_master_stops_every_worker_and_removes_the_pid_file(topo, peers,
+                                                                           start_daemon):
+    daemon = start_daemon("-w", "3", foreground=False, pid_file=True, log_file=True)
+    assert daemon.launcher_status == 0, daemon.output()
+    workers = wait_for(lambda: len(daemon.workers()) == 3 and daemon.workers(), 10,
+                       "three workers")
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"hello")
+        assert sock.recv(5) == b"hello"
+        daemon.signal(signal.SIGTERM)
+        assert sock.recv(1) == b"", "the connection was not closed"
+    wait_for(lambda: not pid_alive(daemon.pid), 10, "the master to exit")
+    assert not any(pid_alive(pid) for pid in workers)
+    assert not daemon.pid_path.exists()
+    assert daemon.lines("Received SIGTERM, exiting") and daemon.lines("Exiting cleanly")
