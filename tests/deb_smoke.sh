@@ -126,28 +126,13 @@ fi
 # -- 1. build ---------------------------------------------------------------
 
 say "installing the build dependencies"
-DEPS=(debhelper dh-python python3-all python3-setuptools dpkg-dev git
-      iproute2 iptables nftables logrotate man-db)
-apt_install() {
-	apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "$@"
-}
-if ! apt_install "${DEPS[@]}" >"$WORK/apt.log" 2>&1; then
-	apt-get update -qq -o DPkg::Lock::Timeout=300 >>"$WORK/apt.log" 2>&1
-	apt_install "${DEPS[@]}" >>"$WORK/apt.log" 2>&1 || { cat "$WORK/apt.log" >&2; fail "apt-get install ${DEPS[*]}"; }
-fi
+# shellcheck source=tests/build_deb.sh
+. "$REPO/tests/build_deb.sh"
+apt_install "$WORK/apt.log" "${DEB_BUILD_DEPS[@]}" iproute2 iptables nftables logrotate man-db ||
+	fail "installing the build dependencies"
 
 say "building the package"
-mkdir "$WORK/src"
-# The tracked files as they are in the working tree (less those deleted).
-(cd "$REPO" && git ls-files -z | while IFS= read -r -d '' f; do
-	[ ! -e "$f" ] || printf '%s\0' "$f"
-done | tar --null -T - -c) | tar -x -C "$WORK/src"
-if ! (cd "$WORK/src" && dpkg-buildpackage -us -uc -b) >"$WORK/build.log" 2>&1; then
-	tail -n 40 "$WORK/build.log" >&2
-	fail "dpkg-buildpackage"
-fi
-DEB=$(echo "$WORK"/tcp-intercept_*_all.deb)
-[ -f "$DEB" ] || fail "no tcp-intercept_*_all.deb built"
+DEB=$(build_deb "$REPO" "$WORK") || fail "building the package"
 
 # -- 2. install ---------------------------------------------------------------
 
