@@ -1,0 +1,265 @@
+#!/bin/bash
+# tcp-intercept.service under a live systemd: Debian 12's, booted with
+# systemd-nspawn (tests/nspawn.sh) in the router of a client / router /
+# server world. As root, on Debian 12 (run by .ci/run after deb_smoke.sh):
+#
+#   1. apt-get install the build dependencies, systemd-container and
+#      debootstrap; debootstrap the container's root unless a previous run
+#      left it in /var/cache/tcp-intercept-tests (about a minute); build the
+#      .deb (build_deb.sh);
+#   2. namespaces tsd<hex>-c, -r and -s joined by veth, the router
+#      forwarding; boot the container in the router's network namespace;
+#   3. apt-get install the .deb inside: its postinst enables and starts the
+#      unit (deb-systemd-helper and a real systemctl);
+#   4. with BIND_OUTGOING=client and CONTROL_NETWORK=1: systemctl start
+#      (the unit installs the TPROXY rules), a connection relayed with the
+#      client's own address and its bytes intact; systemctl reload (a log
+#      file moved away is reopened); systemctl stop (rules gone, no daemon
+#      left, no failed unit);
+#   5. print systemd-analyze security's overall exposure of the unit.
+#
+# Everything it starts is stopped by pid, the container powered off and the
+# namespaces deleted on exit, failed or not. Prints the time of each phase.
+set -euo pipefail
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin # Debian's python3, not a pyenv one
+export DEBIAN_FRONTEND=noninteractive
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ID=$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
+NS_C=tsd$ID-c NS_R=tsd$ID-r NS_S=tsd$ID-s
+CT=$NS_R # the container: the router
+WORK=$(mktemp -d /tmp/tsd-smoke.XXXXXX)
+export NSPAWN_LOGS=$WORK
+# Topology's addresses (tests/topology.py), in namespaces of our own.
+CLIENT=10.91.1.2 ROUTER_C=10.91.1.1 ROUTER_S=10.91.2.1 SERVER=10.91.2.2
+SERVER_PORT=7070
+LOG=/var/log/tcp-intercept.log # in the container
+DEFAULTS=/etc/default/tcp-intercept
+TPROXY=/usr/lib/tcp-intercept/tproxy.sh
+SERVER_PID='' NAMESPACES=()
+PHASE='' PHASE_START=0 PHASE_TIMES=()
+T0=$SECONDS
+
+# shellcheck source=tests/build_deb.sh
+. "$REPO/tests/build_deb.sh"
+# shellcheck source=tests/nspawn.sh
+. "$REPO/tests/nspawn.sh"
+
+say() { echo "systemd_smoke [$((SECONDS - T0))s]: $*"; }
+fail() {
+	echo "systemd_smoke: FAILED: $*" >&2
+	exit 1
+}
+
+# phase NAME: the phase under way ends (its time is kept), NAME begins.
+phase() {
+	local now ms
+	now=$(date +%s%N)
+	if [ -n "$PHASE" ]; then
+		ms=$(((now - PHASE_START) / 1000000))
+		PHASE_TIMES+=("$(printf '%4d.%d s  %s' $((ms / 1000)) $((ms % 1000 / 100)) "$PHASE")")
+	fi
+	PHASE=${1:-} PHASE_START=$now
+	[ -z "$PHASE" ] || say "$PHASE"
+}
+
+# wait_for SECONDS DESCRIPTION COMMAND...: poll until COMMAND succeeds.
+wait_for() {
+	local seconds=$1 what=$2 deadline
+	deadline=$((SECONDS + seconds))
+	shift 2
+	until "$@" >/dev/null 2>&1; do
+		[ "$SECONDS" -lt "$deadline" ] || fail "no $what within ${seconds}s"
+		sleep 0.1
+	done
+}
+
+in_ct() { nspawn_exec "$CT" timeout 60 "$@"; }
+# apt-get in the container, through the host's network.
+ct_apt() { nspawn_exec_online "$CT" timeout 300 env DEBIAN_FRONTEND=noninteractive apt-get -q "$@"; }
+ct_systemctl() { in_ct systemctl --no-pager "$@"; }
+exit_status() { if "$@" >/dev/null 2>&1; then echo 0; else echo $?; fi; }
+
+cleanup() {
+	local status=$? pid
+	set +e
+	trap - EXIT INT TERM
+	phase teardown
+	if [ "$status" != 0 ] && [ -n "${NSPAWN_INIT[$CT]:-}" ]; then
+		echo "--- systemctl status tcp-intercept; its journal; $LOG" >&2
+		ct_systemctl status -n 0 tcp-intercept >&2
+		in_ct journalctl --no-pager -n 40 -u tcp-intercept >&2
+		in_ct tail -n 30 "$LOG" >&2
+	fi
+	if [ -n "$SERVER_PID" ]; then
+		kill "$SERVER_PID" 2>/dev/null
+		wait "$SERVER_PID" 2>/dev/null
+	fi
+	nspawn_stop_all || { [ "$status" != 0 ] || status=1; }
+	for ns in "${NAMESPACES[@]}"; do
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do # ours: a client still waiting
+			kill -KILL "$pid" 2>/dev/null
+		done
+		ip netns del "$ns" || status=1
+	done
+	rm -rf "$WORK"
+	phase
+	echo "systemd_smoke: time per phase"
+	printf '  %s\n' "${PHASE_TIMES[@]}"
+	if [ "$status" = 0 ]; then
+		say "passed"
+	else
+		echo "systemd_smoke: failed (status $status)" >&2
+	fi
+	exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$(id -u)" = 0 ] || fail "run as root (apt, namespaces, systemd-nspawn)"
+
+# -- 1. the tools, the container's root, the package --------------------------
+
+phase "installing the build dependencies, systemd-nspawn and debootstrap"
+apt_install "$WORK/apt.log" "${DEB_BUILD_DEPS[@]}" "${NSPAWN_HOST_PACKAGES[@]}" iproute2 python3 ||
+	fail "installing the tools"
+
+phase "the container's root ($NSPAWN_ROOT)"
+nspawn_root || fail "no root for the container"
+
+phase "building the package"
+DEB=$(build_deb "$REPO" "$WORK") || fail "building the package"
+CT_DEB=/srv/$(basename "$DEB") # bound into the container
+
+# -- 2. the world, the container --------------------------------------------
+
+phase "client $NS_C -- router $NS_R -- server $NS_S"
+for ns in "$NS_C" "$NS_R" "$NS_S"; do
+	ip netns add "$ns"
+	NAMESPACES+=("$ns")
+	ip -n "$ns" link set lo up
+done
+# Before the veths: they copy the "default" values when created.
+ip netns exec "$NS_R" sysctl -qw net.ipv4.ip_forward=1 \
+	net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+ip -n "$NS_C" link add c0 type veth peer name rc netns "$NS_R"
+ip -n "$NS_S" link add s0 type veth peer name rs netns "$NS_R"
+for end in "$NS_C c0 $CLIENT" "$NS_R rc $ROUTER_C" "$NS_R rs $ROUTER_S" "$NS_S s0 $SERVER"; do
+	read -r ns dev address <<<"$end"
+	ip -n "$ns" addr add "$address/24" dev "$dev"
+	ip -n "$ns" link set "$dev" up
+done
+ip -n "$NS_C" route add default via "$ROUTER_C"
+ip -n "$NS_S" route add default via "$ROUTER_S"
+
+phase "booting the container $CT in $NS_R"
+# --network-namespace-path alone would drop CAP_NET_ADMIN, which TPROXY
+# needs: --private-network keeps it. (ip netns exec NS systemd-nspawn fails:
+# it remounts /sys.)
+nspawn_boot "$CT" --network-namespace-path="/run/netns/$NS_R" --private-network \
+	--bind-ro="$DEB:$CT_DEB" || fail "booting the container"
+[ "$(ct_systemctl is-system-running)" = running ] || fail "the container's boot is degraded"
+
+# -- 3. the package, installed by apt ----------------------------------------
+
+phase "apt-get install $(basename "$DEB") in the container"
+if ! ct_apt install -y "$CT_DEB" >"$WORK/install.log" 2>&1; then
+	# A root debootstrapped long ago has package lists the mirror has moved past.
+	{ ct_apt update && ct_apt install -y "$CT_DEB"; } >>"$WORK/install.log" 2>&1 ||
+		{ cat "$WORK/install.log" >&2; fail "apt-get install in the container"; }
+fi
+[ "$(ct_systemctl is-enabled tcp-intercept)" = enabled ] || fail "the postinst did not enable tcp-intercept.service"
+wait_for 10 "tcp-intercept.service active after the postinst" ct_systemctl is-active tcp-intercept
+ct_systemctl stop tcp-intercept || fail "systemctl stop after the postinst: exit status $?"
+
+# -- 4. start, a connection, reload, stop ------------------------------------
+
+phase "systemctl start with BIND_OUTGOING=client CONTROL_NETWORK=1"
+in_ct sed -i -e 's/^BIND_OUTGOING=.*/BIND_OUTGOING=client/' \
+	-e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' "$DEFAULTS"
+[ "$(in_ct grep -cxE 'BIND_OUTGOING=client|CONTROL_NETWORK=1' "$DEFAULTS")" = 2 ] ||
+	fail "could not set BIND_OUTGOING and CONTROL_NETWORK in $DEFAULTS"
+ct_systemctl start tcp-intercept || fail "systemctl start: exit status $?"
+wait_for 10 "active tcp-intercept.service" ct_systemctl is-active tcp-intercept
+PORT=$(in_ct sh -c '. /usr/lib/tcp-intercept/service.sh && tcp_intercept_listen_port')
+wait_for 10 "daemon listening on $PORT" sh -c "ip netns exec '$NS_R' ss -Hltn 'sport = :$PORT' | grep -q LISTEN"
+[ "$(exit_status in_ct "$TPROXY" status)" = 0 ] || fail "start: the unit installed no interception rules"
+MAINPID=$(ct_systemctl show -p MainPID --value tcp-intercept)
+[ "$(in_ct cat /proc/"$MAINPID"/comm)" = tcp-interceptd ] || fail "the unit's MainPID $MAINPID is not tcp-interceptd"
+
+phase "a connection from the client, intercepted"
+# The server answers each connection with the address it saw and the sha256
+# of what it received; it stops by itself when nothing comes for 5 minutes.
+ip netns exec "$NS_S" python3 -c '
+import hashlib, socket, sys
+listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
+listener.settimeout(300)
+while True:
+    conn, peer = listener.accept()
+    with conn:
+        conn.settimeout(20)
+        digest = hashlib.sha256()
+        while chunk := conn.recv(65536):
+            digest.update(chunk)
+        conn.sendall(f"{peer[0]}:{peer[1]} {digest.hexdigest()}\n".encode())
+' "$SERVER" "$SERVER_PORT" &
+SERVER_PID=$! # ip netns exec execs python3
+wait_for 10 "server listening on $SERVER_PORT" sh -c \
+	"ip netns exec '$NS_S' ss -Hltn 'sport = :$SERVER_PORT' | grep -q LISTEN"
+
+# check_intercepted: a megabyte of random bytes from the client to the
+# server; the server saw the client's own address and the same sha256, and
+# the daemon logged the connection.
+check_intercepted() {
+	local out port sent seen received
+	out=$(timeout 30 ip netns exec "$NS_C" python3 -c '
+import hashlib, os, socket, sys
+data = os.urandom(1 << 20)
+conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+conn.sendall(data)
+conn.shutdown(socket.SHUT_WR)
+reply = b""
+while chunk := conn.recv(4096):
+    reply += chunk
+print(conn.getsockname()[1], hashlib.sha256(data).hexdigest(), reply.decode().strip())
+' "$SERVER" "$SERVER_PORT") || fail "the client's connection failed"
+	read -r port sent seen received <<<"$out"
+	[ "$seen" = "$CLIENT:$port" ] || fail "the server saw '$seen', not the client's '$CLIENT:$port'"
+	[ "$received" = "$sent" ] || fail "the server received sha256 $received, the client sent $sent"
+	wait_for 5 "'Connection intercepted' in $LOG for [$CLIENT]:$port" \
+		in_ct grep -qF "[$CLIENT]:$port-->[$SERVER]:$SERVER_PORT: Connection intercepted" "$LOG"
+}
+check_intercepted
+
+phase "systemctl reload: the log file reopened"
+in_ct mv "$LOG" "$LOG.1"
+ct_systemctl reload tcp-intercept || fail "systemctl reload: exit status $?"
+wait_for 10 "new $LOG with 'Received SIGHUP, (re)opening this logfile'" \
+	in_ct grep -qF "Received SIGHUP, (re)opening this logfile" "$LOG"
+[ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] ||
+	fail "reload: the main pid is no longer $MAINPID"
+check_intercepted # and the new file logs the next connection
+
+kill "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null || true
+SERVER_PID=''
+
+phase "systemctl stop"
+ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+status=$(exit_status ct_systemctl is-active tcp-intercept)
+[ "$status" = 3 ] || fail "stop: systemctl is-active exits $status, not 3 (inactive)"
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 3 ] || fail "stop left rules: tproxy.sh status exits $status, not 3"
+left=$(in_ct sh -c 'grep -slx tcp-interceptd /proc/[0-9]*/comm') && fail "stop left tcp-interceptd running: $left"
+failed=$(ct_systemctl --failed --no-legend --plain)
+[ -z "$failed" ] || fail "failed units: $failed"
+
+# -- 5. the unit's exposure ----------------------------------------------------
+
+phase "systemd-analyze security"
+exposure=$(in_ct systemd-analyze security --no-pager tcp-intercept.service) ||
+	fail "systemd-analyze security: exit status $?"
+echo "$exposure" | grep -F 'Overall exposure level' || fail "systemd-analyze security printed no overall exposure"
+
+phase "poweroff"
+nspawn_stop "$CT" || fail "the container did not power off cleanly"
