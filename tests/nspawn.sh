@@ -33,8 +33,9 @@
 NSPAWN_HOST_PACKAGES=(systemd-container debootstrap)
 NSPAWN_SUITE=bookworm
 # systemd-sysv: /sbin/init, without which invoke-rc.d in a postinst says
-# "No init system". procps: minbase has no /bin/kill.
-NSPAWN_INCLUDE=systemd,systemd-sysv,dbus,iproute2,python3,procps
+# "No init system". No procps (/bin/kill): the package must bring what its
+# unit runs.
+NSPAWN_INCLUDE=systemd,systemd-sysv,dbus,iproute2,python3
 NSPAWN_CACHE=${NSPAWN_CACHE:-/var/cache/tcp-intercept-tests}
 NSPAWN_ROOT=$NSPAWN_CACHE/$NSPAWN_SUITE-systemd
 NSPAWN_LOGS=${NSPAWN_LOGS:-${TMPDIR:-/tmp}}
