@@ -57,8 +57,7 @@ nspawn_root() {
 	flock -w 900 "$lock" || { echo "nspawn_root: $NSPAWN_CACHE/.lock held for 15 min" >&2; return 1; }
 	if [ "$(cat "$stamp" 2>/dev/null)" != "$made_by" ]; then # nobody made it while we waited
 		# A debootstrap killed half-way may have left /proc or /sys mounted in it.
-		findmnt -Rrno TARGET --target "$new" 2>/dev/null | grep "^$new/" | sort -r |
-			xargs -r umount -l 2>/dev/null
+		findmnt -rno TARGET | grep "^$new/" | sort -r | xargs -r umount -l || true
 		rm -rf --one-file-system "$new"
 		mirror=$(_nspawn_mirror)
 		# The old root is replaced only by a complete new one.
