@@ -72,6 +72,19 @@ Options:
   --drain-timeout seconds         After an upgrade (SIGUSR2), old workers
                                   reset the connections they still hold after
                                   this long (default: wait for them to end)
+  --control path                  Control socket (absolute path, mode 0600)
+                                  answering one command per connection: show
+                                  info, show conns, show metrics, help
+  --metrics host:port             Serve GET /metrics (Prometheus) there, e.g.
+                                  [127.0.0.1]:[9105]
+  --max-connections n             At most n connections at once; the next
+                                  clients wait in the kernel's backlog
+  --max-per-client n              At most n connections at once from one
+                                  client address; more are reset
+  --connect-timeout seconds       Reset the client when its server has not
+                                  accepted the connection within this long
+  --idle-timeout seconds          Reset both sides of a connection that moved
+                                  no byte either way for this long
 """
 
 SHORT = "hVknfqp:b:B:l:C:Mw:"
@@ -79,7 +92,8 @@ LONG = ["help", "version", "keepalive", "tcp_nodelay", "foreground", "quiet",
         "pid-file=", "bind-listen=", "bind-outgoing=", "log=", "congestion=",
         "client-congestion=", "mptcp", "mptcp-listen", "keepalive-idle=",
         "keepalive-interval=", "keepalive-count=", "user-timeout=", "workers=",
-        "drain-timeout="]
+        "drain-timeout=", "control=", "metrics=", "max-connections=", "max-per-client=",
+        "connect-timeout=", "idle-timeout="]
 MAX_WORKERS = 64
 
 
@@ -144,6 +158,13 @@ def _workers(option: str, value: str) -> int:
     return _count(option, value, MAX_WORKERS)
 
 
+def _metrics(option: str, value: str) -> address.Address:
+    addr = address.parse(value)
+    if addr.port == 0:
+        raise UsageError(f"{option}: {value!r} needs a port")
+    return addr
+
+
 # Options that set one Config field: option -> (field, value from
 # (option, argument)); None for a flag without argument.
 _FIELDS = {
@@ -161,6 +182,12 @@ _FIELDS = {
     "--user-timeout": ("user_timeout", _fraction),
     "-w": ("workers", _workers), "--workers": ("workers", _workers),
     "--drain-timeout": ("drain_timeout", _fraction),
+    "--control": ("control", _text),
+    "--metrics": ("metrics", _metrics),
+    "--max-connections": ("max_connections", _count),
+    "--max-per-client": ("max_per_client", _count),
+    "--connect-timeout": ("connect_timeout", _fraction),
+    "--idle-timeout": ("idle_timeout", _fraction),
 }
 
 
@@ -198,9 +225,13 @@ def parse_args(argv: list[str], prog: str = NAME) -> Config:
 
 
 def _check(flags: dict) -> None:
-    pid_file = flags.get("pid_file")
-    if pid_file is not None and not os.path.isabs(pid_file):
-        raise UsageError(f"--pid-file: {pid_file!r} is not an absolute path")
+    for name in ("pid_file", "control"):
+        path = flags.get(name)
+        if path is not None and not os.path.isabs(path):
+            raise UsageError(f"--{name.replace('_', '-')}: {path!r} is not an absolute path")
+    if flags.get("max_connections", 1 << 31) < flags.get("workers", 1):
+        raise UsageError("--max-connections: every worker needs a share of at least one "
+                         "connection; give at least as many as --workers")
     mptcp = flags.get("mptcp") or flags.get("mptcp_listen")
     if mptcp and not sockopts.mptcp_available():
         raise UsageError("Multipath TCP is not available: the kernel lacks it "

@@ -42,7 +42,43 @@ class Config:
     workers: int = 1
     # Old workers close what they still relay this long after an upgrade.
     drain_timeout: float | None = None
+    # Operations: the control socket's path, the metrics endpoint.
+    control: str | None = None
+    metrics: Address | None = None
+    # Bounds: None is the original's "no limit" and the kernel's timeouts.
+    max_connections: int | None = None
+    max_per_client: int | None = None
+    connect_timeout: float | None = None
+    idle_timeout: float | None = None
 
     @property
     def spoof_client(self) -> bool:
         return self.outgoing is None
+
+    def describe(self) -> str:
+        """The options in force, as a command line that gives them."""
+        outgoing = "client" if self.spoof_client else str(self.outgoing)
+        words = ["-b", str(self.listen), "-B", outgoing]
+        for name, option in _OPTIONS:
+            value = getattr(self, name)
+            if value is True:
+                words.append(option)
+            elif value not in (None, False) and not (name == "workers" and value == 1):
+                words += [option, f"{value:g}" if isinstance(value, float) else str(value)]
+        if self.keepalive is not None:
+            ka = self.keepalive
+            words += ["--keepalive-idle", str(ka.idle), "--keepalive-interval", str(ka.interval),
+                      "--keepalive-count", str(ka.count)]
+        return " ".join(words)
+
+
+# Config fields and the option that sets each, in the order describe() says them.
+_OPTIONS = (
+    ("foreground", "-f"), ("quiet", "-q"), ("nodelay", "-n"), ("pid_file", "-p"),
+    ("log_file", "-l"), ("congestion", "-C"), ("client_congestion", "--client-congestion"),
+    ("mptcp", "-M"), ("mptcp_listen", "--mptcp-listen"), ("user_timeout", "--user-timeout"),
+    ("workers", "-w"), ("drain_timeout", "--drain-timeout"), ("control", "--control"),
+    ("metrics", "--metrics"), ("max_connections", "--max-connections"),
+    ("max_per_client", "--max-per-client"), ("connect_timeout", "--connect-timeout"),
+    ("idle_timeout", "--idle-timeout"),
+)

@@ -16,8 +16,9 @@ import socket
 from loguru import logger as log
 
 from .address import Address, format_sockaddr
-from .connection import Connection, Context
+from .connection import LINGER_RESET, Connection, Context
 from .evloop import READ
+from .limits import Limits
 from .sockopts import IPPROTO_MPTCP, set_transparent
 
 ACCEPT_BATCH = 64
@@ -67,11 +68,13 @@ def open_listeners(addr: Address, options: list, count: int,
 
 class Listener:
     __slots__ = ("sock", "ctx", "port", "host", "wildcard", "watcher", "timer",
-                 "backing_off")
+                 "backing_off", "limits")
 
-    def __init__(self, sock: socket.socket, addr: Address, ctx: Context):
+    def __init__(self, sock: socket.socket, addr: Address, ctx: Context,
+                 limits: Limits | None = None):
         self.sock = sock
         self.ctx = ctx
+        self.limits = limits
         self.port = addr.port
         self.host = addr.host
         self.wildcard = addr.is_wildcard
@@ -92,8 +95,11 @@ class Listener:
 
     def _on_readable(self) -> None:
         accept = self.sock._accept
-        family, proto = self.sock.family, self.sock.proto
+        limits = self.limits
         for _ in range(ACCEPT_BATCH):
+            if limits is not None and limits.reached(len(self.ctx.table)):
+                self.watcher.stop()  # started again by room_again()
+                return
             try:
                 fd, peer = accept()
             except (BlockingIOError, InterruptedError):
@@ -107,24 +113,38 @@ class Listener:
                 self.backing_off = False
                 self.timer.stop()
                 log.info("Accepting connections again ({} open)", len(self.ctx.table))
-            client = _socket.socket(family, socket.SOCK_STREAM, proto, fd)
-            try:
-                client.setblocking(False)
-                dst = client.getsockname()
-            except OSError:
-                client.close()
-                continue
-            try:
-                if dst[1] == self.port and self._aimed_at_us(dst):
-                    log.warning("{}-->{}: Connection directly to us, dropping",
-                                format_sockaddr(peer), format_sockaddr(dst))
-                    client.close()
-                    continue
-            except OSError as err:  # no descriptor for the probe
-                client.close()
-                self._back_off(err)
+            if not self._take(fd, peer):
                 return
-            Connection(self.ctx, client, peer, dst)
+
+    def _take(self, fd: int, peer: tuple) -> bool:
+        """Relay the accepted connection, or drop it; False: stop accepting now."""
+        client = _socket.socket(self.sock.family, socket.SOCK_STREAM, self.sock.proto, fd)
+        try:
+            client.setblocking(False)
+            dst = client.getsockname()
+        except OSError:
+            client.close()
+            return True
+        try:
+            if dst[1] == self.port and self._aimed_at_us(dst):
+                log.warning("{}-->{}: Connection directly to us, dropping",
+                            format_sockaddr(peer), format_sockaddr(dst))
+                client.close()
+                return True
+        except OSError as err:  # no descriptor for the probe
+            client.close()
+            self._back_off(err)
+            return False
+        if self.limits is not None and not self.limits.admit(peer[0], self.ctx.loop.now()):
+            _reset(client)
+            return True
+        Connection(self.ctx, client, peer, dst)
+        return True
+
+    def room_again(self) -> None:
+        """A connection closed: accept again if the limit had stopped us."""
+        if self.limits.room_again(len(self.ctx.table)) and not self.backing_off:
+            self.watcher.start(self._on_readable)
 
     def _aimed_at_us(self, dst: tuple) -> bool:
         """Whether dst, an address on our port, is our own listening address."""
@@ -158,3 +178,12 @@ class Listener:
         once accept() works."""
         if self.ctx.reserve.restore():
             self.watcher.start(self._on_readable)
+
+
+def _reset(sock) -> None:
+    """Close with a reset (SO_LINGER 0): refused, not served."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()

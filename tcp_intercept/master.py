@@ -15,22 +15,26 @@ import gc
 import os
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loguru import logger as log
 
+from . import NAME, __version__, report
 from .channel import Channel
 from .config import Config
-from .counters import PID, WORKER_RESTARTS, Board
+from .control import Control
+from .counters import FIELDS, PID, WORKER_RESTARTS, Board
 from .evloop import Loop
 from .logs import Log
 from .worker import Worker
 
 STOP_TIMEOUT = 10.0    # seconds workers get to close their connections before KILL
-RESPAWN_DELAY = 1.0    # a worker that died young is replaced after this long
-YOUNG = 1.0            # seconds: a worker dying this soon is failing to start
+ANSWER_TIMEOUT = 5.0   # seconds a worker gets to list its connections
+RESPAWN_DELAY = 1.0    # a worker failing to start is replaced after this long
+YOUNG = 1.0            # seconds: twice in a row dying this soon is failing to start
 
 
 @dataclass(eq=False)
@@ -47,13 +51,22 @@ class WorkerHandle:
 
 
 class Master:
-    def __init__(self, config: Config, listeners: list[socket.socket], logs: Log, board: Board):
+    def __init__(self, config: Config, listeners: list[socket.socket], logs: Log, board: Board,
+                 control_sock: socket.socket | None = None,
+                 metrics_sock: socket.socket | None = None):
         self.config = config
         self.listeners = listeners
         self.logs = logs
         self.board = board
+        self.started = time.time()
         self.loop = Loop(on_error=self._on_error)
+        self.control = None if control_sock is None else Control(self.loop, control_sock, self)
+        self.metrics_endpoint = None
+        if metrics_sock is not None:
+            from .metrics import MetricsEndpoint
+            self.metrics_endpoint = MetricsEndpoint(self.loop, metrics_sock, self.metrics)
         self.workers: dict[int, WorkerHandle] = {}
+        self.young_deaths: dict[int, int] = {}  # per worker number, in a row
         self.stopping = False
         self.on_ready: Callable[[int, str], None] | None = None
         self.respawn = self.loop.timer(RESPAWN_DELAY, RESPAWN_DELAY)
@@ -62,6 +75,7 @@ class Master:
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
                                 (signal.SIGTERM, self._on_exit_signal),
                                 (signal.SIGHUP, self._on_hup),
+                                (signal.SIGUSR1, self._on_usr1),
                                 (signal.SIGCHLD, self._on_child)):
             watcher = self.loop.signal(signum)
             watcher.start(handler, signum)
@@ -119,7 +133,8 @@ class Master:
                 keep.add(self.logs.fileno())
             _close_all_but(keep)
             self.logs.detach()
-            worker = Worker(self.config, listener, channel, self.board.slot(slot), self.logs)
+            worker = Worker(self.config, number, listener, channel, self.board.slot(slot),
+                            self.logs)
             return worker.run()
         except BaseException:
             traceback.print_exc()
@@ -170,7 +185,10 @@ class Master:
         else:
             log.error("Worker {} (pid {}) {}; starting another", handle.number, handle.pid, how)
             self.board.slot(0)[WORKER_RESTARTS] += 1
-            if self.loop.now() - handle.started < YOUNG:
+            young = self.loop.now() - handle.started < YOUNG
+            self.young_deaths[handle.number] = self.young_deaths.get(handle.number, 0) + 1 \
+                if young else 0
+            if self.young_deaths[handle.number] >= 2:  # no fork loop
                 self._schedule_respawn()
             else:
                 self._spawn(handle.number)
@@ -191,7 +209,71 @@ class Master:
             if number not in serving:
                 self._spawn(number)
 
+    # -- what operators ask (control.py, metrics.py, SIGUSR1) -------------------
+
+    def totals(self) -> list[int]:
+        return self.board.totals()
+
+    def pids(self) -> list[int]:
+        return [os.getpid(), *sorted(self.workers)]
+
+    def workers_serving(self) -> int:
+        return sum(h.state == "serving" for h in self.workers.values())
+
+    def info_lines(self) -> list[str]:
+        processes = [report.Process("master", os.getpid())]
+        for handle in sorted(self.workers.values(), key=lambda h: (h.number, h.pid)):
+            counts = list(self.board.slot(handle.slot)[:len(FIELDS)])
+            processes.append(report.Process(f"worker {handle.number}", handle.pid,
+                                            handle.state, counts))
+        return report.info_lines(name=NAME, version=__version__, options=self.config.describe(),
+                                 uptime=time.time() - self.started, processes=processes,
+                                 totals=self.board.totals())
+
+    def conns(self, done: Callable[[list[str]], None]) -> None:
+        """done(the show conns table) once every worker has listed its
+        connections, or ANSWER_TIMEOUT has passed (then a comment line names
+        the workers that did not answer)."""
+        asked = [h for h in self.workers.values() if not h.channel.closed]
+        lines: list[str] = []
+        waiting = {h.pid for h in asked}
+        timer = self.loop.timer(ANSWER_TIMEOUT)
+
+        def finish() -> None:
+            timer.stop()
+            timer.close()
+            table = report.conns_table(lines)
+            table += [f"# worker {pid} did not answer" for pid in sorted(waiting)]
+            waiting.clear()
+            done(table)
+
+        def answered(pid: int, answer: list[str]) -> None:
+            if pid in waiting:
+                waiting.discard(pid)
+                lines.extend(answer)
+                if not waiting:
+                    finish()
+
+        for handle in asked:
+            handle.conns_waiting.append(lambda answer, pid=handle.pid: answered(pid, answer))
+            handle.channel.send("conns")
+        if not asked:
+            finish()
+        else:
+            timer.start(lambda: waiting and finish())
+
+    def metrics(self) -> bytes:
+        from .metrics import exposition  # prometheus_client: only when asked for
+        return exposition(self, __version__)
+
     # -- signals -------------------------------------------------------------------
+
+    # SIGUSR1: show info and show conns, into the log.
+    def _on_usr1(self, signum: int) -> None:
+        log.info("Received SIGUSR1, writing show info and show conns to the log")
+        for line in self.info_lines():
+            log.info("show info: {}", line)
+        self.conns(lambda lines: [log.info("show conns: {}", line) for line in lines])
 
     # SIGINT, SIGTERM: every worker closes its connections; we wait for them.
     def _on_exit_signal(self, signum: int) -> None:
@@ -233,6 +315,9 @@ class Master:
         for watcher in (*self.signals, self.respawn, self.stop_timer):
             watcher.stop()
             watcher.close()
+        for server in (self.control, self.metrics_endpoint):
+            if server is not None:
+                server.close()
         for handle in self.workers.values():
             handle.channel.close()
         for sock in self.listeners:

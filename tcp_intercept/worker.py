@@ -25,26 +25,39 @@ from .channel import Channel
 from .config import Config
 from .connection import Context
 from .evloop import Loop
+from .limits import Limits
+from .limits import share as limits_share
 from .listener import Listener
 from .logs import Log
 from .pipes import PipePool
 from .sockopts import IPPROTO_MPTCP, tcp_options
 from .table import ConnectionTable
+from .timeouts import Deadlines
 
 PIPE_TRIM_INTERVAL = 1.0  # seconds; idle pipes go after one to two of these
 
 
 class Worker:
-    def __init__(self, config: Config, listener_sock: socket.socket, channel_sock: socket.socket,
-                 ctr: memoryview, logs: Log):
+    def __init__(self, config: Config, number: int, listener_sock: socket.socket,
+                 channel_sock: socket.socket, ctr: memoryview, logs: Log):
         self.config = config
         self.logs = logs
         self.loop = Loop(on_error=self._on_error)
         self.pool = PipePool(ctr)
         self.table = ConnectionTable()
+        self.deadlines = Deadlines(self.loop, self.table, config.connect_timeout,
+                                   config.idle_timeout)
         self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table, ctr=ctr,
                            log=None if config.quiet else logs, **outgoing(config))
-        self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx)
+        if config.connect_timeout:
+            self.ctx.on_connecting = self.deadlines.connect_started
+        limits = None
+        if config.max_connections or config.max_per_client:
+            share = config.max_connections and \
+                limits_share(config.max_connections, config.workers, number)
+            limits = Limits(ctr, share, config.max_per_client)
+            self.ctx.on_close = self._on_close
+        self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx, limits)
         self.channel = Channel(self.loop, channel_sock, self._on_command, self._on_master_gone)
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
         self.drain_timer = None
@@ -65,6 +78,7 @@ class Worker:
         """Serve until told to stop; the exit status."""
         self.listener.start()
         self.trim.start(self.pool.trim)
+        self.deadlines.start()
         self.logs.attach(self.loop)
         self.channel.send("ready")
         self.loop.run()
@@ -112,6 +126,12 @@ class Worker:
         return [report.encode(pid, connection.snapshot(now))
                 for connection in self.table.connections()]
 
+    def _on_close(self, connection) -> None:
+        """--max-connections, --max-per-client: a connection closed."""
+        if self.listener is not None:
+            self.listener.limits.release(connection.peer[0])
+            self.listener.room_again()
+
     # -- signals ----------------------------------------------------------------
 
     # SIGINT, SIGTERM: leave the loop; _close() does the rest in order.
@@ -138,6 +158,7 @@ class Worker:
             watcher.stop()
             watcher.close()
         self.channel.close()
+        self.deadlines.close()
         self.pool.close()
         self.logs.detach()
         self.loop.destroy()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tcp_intercept.ctl import ask
 from tcp_intercept.logs import FLUSH_DELAY
 
 from .netns import TopologyError, borrow_sockets, listens, pid_alive, terminate, wait_for
@@ -35,7 +36,7 @@ class Daemon:
 
     def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
                  listen: str | None = None, log_file: bool | Path = False,
-                 foreground: bool = True, pid_file: bool = False):
+                 foreground: bool = True, pid_file: bool = False, control: bool = False):
         self.topo = topo
         self.workdir = Path(workdir)
         self.listen = listen or f"[0.0.0.0]:[{topo.port}]"
@@ -52,6 +53,9 @@ class Daemon:
             self.args += ["-l", str(self.log_path)]
         if self.pid_path:
             self.args += ["-p", str(self.pid_path)]
+        self.control_path = self.workdir / f"{name}.sock" if control else None
+        if self.control_path:
+            self.args += ["--control", str(self.control_path)]
         if foreground:
             self.args.append("-f")
         self.proc: subprocess.Popen | None = None
@@ -126,6 +130,14 @@ class Daemon:
     def borrow_sockets(self) -> list[socket.socket]:
         """Duplicates of the worker's sockets, to inspect with getsockopt()."""
         return borrow_sockets(self.worker)
+
+    def ask(self, command: str) -> str:
+        """The control socket's answer to command."""
+        return ask(str(self.control_path), command).decode()
+
+    def info(self) -> dict[str, str]:
+        """`show info` as {key: value}."""
+        return dict(line.split(": ", 1) for line in self.ask("show info").splitlines())
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)

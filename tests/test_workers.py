@@ -51,7 +51,7 @@ def test_connections_land_on_both_workers(topo, peers, start_daemon):
 
 def test_a_killed_worker_is_replaced_and_the_others_transfer_goes_on(topo, peers,
                                                                     start_daemon):
-    daemon = start_daemon("-w", "2", log_file=True)
+    daemon = start_daemon("-w", "2", log_file=True, control=True)
     wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
     data = payload(8 << 20, seed=7)
     killed_at: list[float] = []
@@ -80,6 +80,7 @@ def test_a_killed_worker_is_replaced_and_the_others_transfer_goes_on(topo, peers
     replaced = [w for w in new if w != holder][0]
     started = float(open(f"/proc/{replaced}/stat").read().rsplit(")", 1)[1].split()[19])
     assert started / os.sysconf("SC_CLK_TCK") - _uptime_at(killed_at[0]) < 1.0
+    assert daemon.info()["Worker_restarts"] == "1"
     for n in range(10):  # and both serve
         with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
             small = payload(100, seed=100 + n)

@@ -1,0 +1,97 @@
+"""tcp-intercept-ctl: send one command to the daemon's control socket and
+print the answer, so nobody needs socat.
+
+    tcp-intercept-ctl [-s PATH] show info | show conns | show metrics | help
+
+Exit status: 0 with the answer on stdout; 1 with a message on stderr when
+the daemon is not there, refuses us, does not answer, or says ERROR; 64 for
+a bad command line.
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import socket
+import sys
+import time
+
+DEFAULT_SOCKET = "/run/tcp-intercept/tcp-intercept.sock"
+TIMEOUT = 10.0
+USAGE = f"""\
+Usage: tcp-intercept-ctl [-s PATH] COMMAND...
+Sends COMMAND to tcp-interceptd's control socket and prints the answer.
+
+Options:
+  -h --help           Displays this help message and exits
+  -s --socket PATH    The control socket (default {DEFAULT_SOCKET})
+
+Commands: show info, show conns, show metrics, help
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, words = getopt.getopt(argv, "hs:", ["help", "socket="])
+    except getopt.GetoptError as err:
+        sys.stderr.write(f"tcp-intercept-ctl: {err}\n{USAGE}")
+        return 64
+    path = DEFAULT_SOCKET
+    for opt, value in opts:
+        if opt in ("-h", "--help"):
+            sys.stdout.write(USAGE)
+            return 0
+        path = value
+    if not words:
+        sys.stderr.write(f"tcp-intercept-ctl: no command\n{USAGE}")
+        return 64
+    try:
+        answer = ask(path, " ".join(words))
+    except OSError as err:
+        sys.stderr.write(f"tcp-intercept-ctl: {path}: {_why(err)}\n")
+        return 1
+    sys.stdout.buffer.write(answer)
+    sys.stdout.flush()
+    return 1 if answer.startswith(b"ERROR: ") else 0
+
+
+def ask(path: str, command: str, timeout: float = TIMEOUT) -> bytes:
+    """The daemon's whole answer to command (OSError if there is none)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:  # its backlog is full: the daemon is busy
+                if time.monotonic() > deadline:
+                    raise TimeoutError from None
+                time.sleep(0.05)
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _why(err: OSError) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "no such socket: is tcp-interceptd running with --control here?"
+    if isinstance(err, ConnectionRefusedError):
+        return "nobody answers: tcp-interceptd is not running (a socket file was left behind)"
+    if isinstance(err, PermissionError):
+        return (f"permission denied: the control socket is for root and the daemon's user "
+                f"(you are uid {os.getuid()})")
+    if isinstance(err, TimeoutError):
+        return f"no answer within {TIMEOUT:g} s"
+    return err.strerror or str(err)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,96 @@
+"""--max-connections and --max-per-client, as one worker applies them.
+
+At its share of --max-connections a worker stops accepting: the kernel's
+backlog holds the next clients, who wait and are served as soon as a
+connection closes. With several workers each takes an equal share (so the
+sum is never exceeded); as connections are spread evenly over the workers,
+the shares fill together.
+
+A client address with --max-per-client connections open gets its next one
+reset at once; other clients are not affected. With several workers the
+listeners spread connections by client address (steering.py), so one
+worker sees all of a client's connections and its count is exact. A
+refusal is logged at most once per second per address, with how many were
+refused since the last such line.
+"""
+
+from __future__ import annotations
+
+from loguru import logger as log
+
+from . import counters
+
+LOG_EVERY = 1.0        # seconds between two lines about one address
+FORGET_AFTER = 4096    # addresses remembered for that before the old are dropped
+
+
+def share(total: int, workers: int, number: int) -> int:
+    """Worker number's (1..workers) part of total; the parts add up to total."""
+    return total // workers + (1 if number <= total % workers else 0)
+
+
+class Limits:
+    __slots__ = ("ctr", "max_connections", "max_per_client", "per_client", "refused",
+                 "logged", "full")
+
+    def __init__(self, ctr: memoryview, max_connections: int | None,
+                 max_per_client: int | None):
+        self.ctr = ctr
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.per_client: dict[str, int] = {}
+        self.refused: dict[str, int] = {}    # refusals not logged yet, per address
+        self.logged: dict[str, float] = {}   # when an address was last logged
+        self.full = False                    # at max_connections, not accepting
+
+    def reached(self, open_now: int) -> bool:
+        """Whether this worker must stop accepting; says so once per stop."""
+        if self.max_connections is None or open_now < self.max_connections:
+            return False
+        if not self.full:
+            self.full = True
+            self.ctr[counters.LIMITED_MAX_CONNECTIONS] += 1
+            log.warning("Reached --max-connections ({} open here): not accepting "
+                        "until a connection closes", open_now)
+        return True
+
+    def room_again(self, open_now: int) -> bool:
+        """After a close: whether accepting may resume (and says so)."""
+        if self.full and open_now < self.max_connections:
+            self.full = False
+            log.info("Accepting connections again ({} open here)", open_now)
+            return True
+        return False
+
+    def admit(self, address: str, now: float) -> bool:
+        """Whether a new connection from address may be relayed; counts it."""
+        if self.max_per_client is None:
+            return True
+        held = self.per_client.get(address, 0)
+        if held < self.max_per_client:
+            self.per_client[address] = held + 1
+            return True
+        self.ctr[counters.LIMITED_MAX_PER_CLIENT] += 1
+        self.refused[address] = self.refused.get(address, 0) + 1
+        if now - self.logged.get(address, 0.0) >= LOG_EVERY:
+            self._say(address, now)
+        return False
+
+    def release(self, address: str) -> None:
+        """A connection from address closed."""
+        if self.max_per_client is None:
+            return
+        held = self.per_client[address] - 1
+        if held:
+            self.per_client[address] = held
+        else:
+            del self.per_client[address]
+
+    def _say(self, address: str, now: float) -> None:
+        count = self.refused.pop(address)
+        log.warning("[{}] already has {} connections (--max-per-client): reset {} "
+                    "new one(s) from it", address, self.max_per_client, count)
+        if len(self.logged) >= FORGET_AFTER:
+            self.logged = {a: t for a, t in self.logged.items() if now - t < LOG_EVERY}
+            self.refused = {a: n for a, n in self.refused.items() if a in self.logged}
+        self.logged[address] = now

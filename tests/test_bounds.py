@@ -1,0 +1,145 @@
+"""Bounding what a client or a dead server can take: --max-connections,
+--max-per-client, --connect-timeout, --idle-timeout, each enforced within
+its bound, counted and logged, with the real daemon."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+
+from .peers import ECHO, exchange, payload, sha256
+from .test_workers import owners
+from .topology import wait_for
+
+SILENT = 7100  # in the server namespace, SYNs to it are dropped (no answer at all)
+CLIENT_B = "10.91.1.3"  # a second client address
+
+
+@pytest.fixture(scope="module", autouse=True)
+def silent_server_and_second_client(topo):
+    topo.run(topo.srv, "nft", "add table inet bounds; add chain inet bounds in { type filter "
+             f"hook input priority 0; }}; add rule inet bounds in tcp dport {SILENT} drop")
+    topo.run(topo.cli, "ip", "addr", "add", f"{CLIENT_B}/24", "dev", "c0", "nodad")
+
+
+def echo(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    return sock.recv(len(data), socket.MSG_WAITALL)
+
+
+def connect_from(topo, source: str) -> socket.socket:
+    sock = topo.socket(topo.cli)
+    sock.settimeout(10)
+    sock.bind((source, 0))
+    sock.connect((topo.SERVER4, ECHO))
+    return sock
+
+
+def is_reset(sock: socket.socket) -> bool:
+    try:
+        sock.recv(1)
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_max_connections_holds_the_next_clients_until_one_closes(topo, peers, start_daemon):
+    daemon = start_daemon("--max-connections", "3", control=True)
+    first = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(3)]
+    for n, sock in enumerate(first):
+        assert echo(sock, b"in %d" % n) == b"in %d" % n
+    waiting = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(2)]  # the backlog
+    try:
+        for sock in waiting:
+            sock.sendall(b"waiting")
+        daemon.wait_log("Reached --max-connections (3 open here)")
+        time.sleep(0.5)  # long enough for the daemon to have served them, were it to
+        assert daemon.info()["Connections_open"] == "3"
+        first[0].close()
+        waiting[0].settimeout(5)
+        assert waiting[0].recv(7, socket.MSG_WAITALL) == b"waiting"
+        daemon.wait_log("Accepting connections again")
+        first[1].close()
+        assert waiting[1].recv(7, socket.MSG_WAITALL) == b"waiting"
+    finally:
+        for sock in first + waiting:
+            sock.close()
+    assert int(daemon.info()["Limited_max_connections"]) >= 1
+    assert len(daemon.lines("Reached --max-connections")) == \
+        int(daemon.info()["Limited_max_connections"])
+
+
+def test_max_per_client_resets_the_extra_ones_of_that_client_only(topo, peers, start_daemon):
+    daemon = start_daemon("-w", "2", "--max-per-client", "2", control=True, log_file=True)
+    wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
+    mine = [connect_from(topo, topo.CLIENT4) for _ in range(2)]
+    try:
+        for sock in mine:
+            assert echo(sock, b"ok") == b"ok"
+        extra = [connect_from(topo, topo.CLIENT4) for _ in range(3)]
+        assert all(is_reset(sock) for sock in extra)
+        for sock in extra:
+            sock.close()
+        others = [connect_from(topo, CLIENT_B) for _ in range(2)]
+        for sock in others:
+            assert echo(sock, b"other") == b"other"
+            sock.close()
+        # Every connection of one address is on one worker: its count is exact.
+        assert len(owners(topo, topo.CLIENT4)) == 1
+    finally:
+        for sock in mine:
+            sock.close()
+    assert daemon.info()["Limited_max_per_client"] == "3"
+    [line] = daemon.wait_log("(--max-per-client)")  # three refusals within a second: one line
+    assert f"[{topo.CLIENT4}] already has 2 connections" in line
+
+
+def test_connect_timeout_resets_the_client_of_a_silent_server(topo, peers, start_daemon):
+    daemon = start_daemon("--connect-timeout", "1", control=True, log_file=True)
+    sock = topo.socket(topo.cli)
+    with sock:
+        sock.settimeout(10)
+        sock.bind((topo.CLIENT4, 0))
+        conn_id = f"[{topo.CLIENT4}]:{sock.getsockname()[1]}-->[{topo.SERVER4}]:{SILENT}"
+        sock.connect((topo.SERVER4, SILENT))  # the router's side answers at once
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+        elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed <= 1.6, elapsed
+    [line] = daemon.wait_log(f"{conn_id}: connect to server failed: timed out")
+    assert re.search(r" WARNING: ", line)
+    assert daemon.info()["Connect_failed_timeout"] == "1"
+
+
+def test_idle_timeout_resets_a_quiet_connection_and_spares_a_trickle(topo, peers,
+                                                                      start_daemon):
+    daemon = start_daemon("--idle-timeout", "1", control=True, log_file=True)
+    quiet = topo.connect(topo.cli, topo.SERVER4, ECHO)
+    trickle = topo.connect(topo.cli, topo.SERVER4, ECHO)
+    with quiet, trickle:
+        assert echo(quiet, b"once") == b"once"
+        started = time.monotonic()
+        reset_after = None
+        while time.monotonic() - started < 3:
+            assert echo(trickle, b".") == b"."
+            if reset_after is None:
+                quiet.setblocking(False)
+                try:
+                    quiet.recv(1)
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    reset_after = time.monotonic() - started
+            time.sleep(0.3)
+        data = payload(1000, seed=5)
+        trickle.settimeout(10)
+        assert exchange(trickle, data) == (1000, sha256(data), "eof")
+    assert reset_after is not None and 0.9 <= reset_after <= 1.8, reset_after
+    [line] = daemon.wait_log("idle for 1 s, resetting")
+    assert daemon.info()["Closed_idle_timeout"] == "1"
+    # The server's side was reset too.
+    peers.wait_records(mode="echo", sha256=sha256(b"once"), end="ECONNRESET")
