@@ -259,8 +259,20 @@ def main(argv: list[str] | None = None) -> int:
     except AddressError as err:
         sys.stderr.write(f"{err}\n")
         return EX_DATAERR
-    from . import server  # the event loop and its C extension only past parsing
-    return server.run(config)
+    from . import handover, server  # the event loop and its C extension only past parsing
+    if os.environ.get(handover.CHECK_ENV):
+        return _check_upgrade(config)
+    return server.run(config, handover.program())
+
+
+def _check_upgrade(config: Config) -> int:
+    """An upgrade asks whether this installed program would start
+    (handover.py): the options parsed, and everything it runs imported."""
+    from . import master, worker  # noqa: F401
+    if config.metrics or config.control:
+        from . import metrics  # noqa: F401
+    sys.stdout.write(version_text())
+    return EX_OK
 
 
 def run() -> None:

@@ -52,7 +52,8 @@ def open_connections(counts) -> int:
 class Board:
     """`slots` slots of counters in shared memory; slot 0 is the master's."""
 
-    def __init__(self, slots: int, fd: int | None = None):
+    def __init__(self, slots: int = 0, fd: int | None = None):
+        """A new board of `slots` slots, or the one in memfd `fd` (an upgrade)."""
         size = slots * SLOT_WORDS * WORD
         if fd is None:
             fd = os.memfd_create("tcp-intercept-counters", os.MFD_CLOEXEC)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 
 import daemon
@@ -107,3 +108,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def notify(state: str) -> None:
+    """Tell systemd (Type=notify units: READY=1, RELOADING=1) if it listens."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError:
+        pass

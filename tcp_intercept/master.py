@@ -6,7 +6,14 @@ Signals (each handler below says the same):
   SIGTERM, SIGINT  stop: TERM to every worker (they close their
                    connections), wait for them, exit 0
   SIGHUP           reopen the log here and in every worker
+  SIGUSR1          show info and show conns, into the log
+  SIGUSR2          upgrade in place (handover.py): exec the installed program,
+                   which starts new workers and drains the old ones
   SIGCHLD          reap workers; one that died unasked is replaced
+
+Worker states: starting (forked, not yet "ready"), serving, old (serving,
+but a newer program's workers are starting to replace it), draining (told
+to stop accepting; exits once its connections are gone), stopping (TERM).
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from dataclasses import dataclass, field
 
 from loguru import logger as log
 
-from . import NAME, __version__, report
+from . import NAME, __version__, handover, report
 from .channel import Channel
 from .config import Config
-from .control import Control
+from .control import Control, remove_control_socket
 from .counters import FIELDS, PID, WORKER_RESTARTS, Board
+from .daemon import notify
 from .evloop import Loop
 from .logs import Log
 from .worker import Worker
@@ -44,27 +52,51 @@ class WorkerHandle:
     number: int          # 1..N; worker N serves listener N-1
     slot: int            # its counters
     channel: Channel | None = None
-    state: str = "starting"   # starting, serving, draining, stopping
+    state: str = "starting"   # starting, serving, old, draining, stopping
     started: float = 0.0
     conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
     conns_lines: list = field(default_factory=list)
 
 
+@dataclass
+class Sockets:
+    """Every socket the master holds: made at start-up (before detaching) or
+    handed over by an upgrade, kept for the daemon's whole life."""
+    listeners: list[socket.socket] = field(default_factory=list)
+    control: socket.socket | None = None
+    control_path: str | None = None
+    control_file: tuple[int, int] | None = None
+    metrics: socket.socket | None = None
+
+    def all(self) -> list[socket.socket]:
+        return [s for s in (*self.listeners, self.control, self.metrics) if s is not None]
+
+    def close(self) -> None:
+        if self.control is not None:
+            remove_control_socket(self.control_path, self.control_file)
+        for sock in self.all():
+            sock.close()
+
+
 class Master:
-    def __init__(self, config: Config, listeners: list[socket.socket], logs: Log, board: Board,
-                 control_sock: socket.socket | None = None,
-                 metrics_sock: socket.socket | None = None):
+    def __init__(self, config: Config, sockets: Sockets, logs: Log, board: Board,
+                 command: list[str], taken: handover.Handover | None = None):
         self.config = config
-        self.listeners = listeners
+        self.sockets = sockets
+        self.listeners = sockets.listeners
         self.logs = logs
         self.board = board
-        self.started = time.time()
+        self.command = command  # to exec for an upgrade
+        self.taken = taken      # what an upgrade handed us
+        self.started = taken.started if taken else time.time()
+        self.upgrading = taken is not None
         self.loop = Loop(on_error=self._on_error)
-        self.control = None if control_sock is None else Control(self.loop, control_sock, self)
+        self.control = None if sockets.control is None else \
+            Control(self.loop, sockets.control, self)
         self.metrics_endpoint = None
-        if metrics_sock is not None:
+        if sockets.metrics is not None:
             from .metrics import MetricsEndpoint
-            self.metrics_endpoint = MetricsEndpoint(self.loop, metrics_sock, self.metrics)
+            self.metrics_endpoint = MetricsEndpoint(self.loop, sockets.metrics, self.metrics)
         self.workers: dict[int, WorkerHandle] = {}
         self.young_deaths: dict[int, int] = {}  # per worker number, in a row
         self.stopping = False
@@ -76,15 +108,19 @@ class Master:
                                 (signal.SIGTERM, self._on_exit_signal),
                                 (signal.SIGHUP, self._on_hup),
                                 (signal.SIGUSR1, self._on_usr1),
+                                (signal.SIGUSR2, self._on_usr2),
                                 (signal.SIGCHLD, self._on_child)):
             watcher = self.loop.signal(signum)
             watcher.start(handler, signum)
             self.signals.append(watcher)
+        handover.unblock_signals()  # blocked across an upgrade's exec
 
     def run(self, on_ready: Callable[[int, str], None]) -> None:
         """Start the workers; on_ready(0, "") once every one of them serves,
         or on_ready(status, why) if one failed first; then run until stopped."""
         self.on_ready = on_ready
+        if self.taken is not None:
+            self._adopt(self.taken.workers)
         for number in range(1, self.config.workers + 1):
             self._spawn(number)
         self.logs.attach(self.loop)
@@ -153,9 +189,11 @@ class Master:
                 handle.conns_waiting.pop(0)(lines)
 
     def _check_ready(self) -> None:
-        if self.on_ready is None:
+        if sum(h.state == "serving" for h in self.workers.values()) < self.config.workers:
             return
-        if sum(h.state == "serving" for h in self.workers.values()) == self.config.workers:
+        if self.upgrading:
+            self._upgraded()
+        if self.on_ready is not None:
             on_ready, self.on_ready = self.on_ready, None
             on_ready(0, "")
 
@@ -176,9 +214,9 @@ class Master:
         for callback in handle.conns_waiting:
             callback(handle.conns_lines)
         how = _describe(status)
-        if self.stopping or handle.state == "draining":
+        if self.stopping or handle.state in ("old", "draining"):
             log.info("Worker {} (pid {}) {}", handle.number, handle.pid, how)
-        elif self.on_ready is not None:
+        elif self.on_ready is not None and not self.upgrading:
             on_ready, self.on_ready = self.on_ready, None
             on_ready(71, f"Worker {handle.number} {how} during start-up")
             self._stop()
@@ -204,10 +242,66 @@ class Master:
         self.respawn.stop()
         if self.stopping:
             return
-        serving = {h.number for h in self.workers.values() if h.state != "draining"}
+        serving = {h.number for h in self.workers.values()
+                   if h.state not in ("old", "draining")}
         for number in range(1, self.config.workers + 1):
             if number not in serving:
                 self._spawn(number)
+
+    # -- upgrade (handover.py) ---------------------------------------------------
+
+    # SIGUSR2: exec the installed program in place, handing it everything.
+    def _on_usr2(self, signum: int) -> None:
+        if self.upgrading:
+            log.warning("Received SIGUSR2, but an upgrade is still under way: ignored")
+            return
+        log.info("Received SIGUSR2, upgrading: checking {}", " ".join(self.command))
+        why = handover.check(self.command)
+        if why is not None:
+            log.error("Upgrade aborted, this program goes on: the installed one would not "
+                      "start: {}", why)
+            return
+        log.info("The installed program starts: handing over to it (pid {} stays)", os.getpid())
+        notify("RELOADING=1")
+        self.logs.flush()
+        err = handover.exec_new(self.command, self._handover())
+        notify("READY=1")
+        log.error("Upgrade aborted, this program goes on: exec {}: {}", self.command[0],
+                  err.strerror)
+
+    def _handover(self) -> handover.Handover:
+        sockets = self.sockets
+        return handover.Handover(
+            version=__version__, started=self.started,
+            listeners=[sock.fileno() for sock in sockets.listeners], board=self.board.fd,
+            control=sockets.control.fileno() if sockets.control else None,
+            control_path=sockets.control_path,
+            control_file=list(sockets.control_file) if sockets.control_file else None,
+            metrics=sockets.metrics.fileno() if sockets.metrics else None,
+            workers=[handover.OldWorker(h.pid, h.number, h.slot, h.channel.sock.fileno())
+                     for h in self.workers.values() if not h.channel.closed])
+
+    def _adopt(self, old: list[handover.OldWorker]) -> None:
+        """The workers of the program we replaced: they serve until ours do."""
+        for worker in old:
+            handle = WorkerHandle(worker.pid, worker.number, worker.slot, state="old",
+                                  started=self.loop.now())
+            handle.channel = Channel(self.loop, handover.adopt(worker.channel),
+                                     lambda line, h=handle: self._on_line(h, line),
+                                     lambda: None)
+            self.workers[worker.pid] = handle
+        self._on_child(signal.SIGCHLD)  # any that exited during the exec
+
+    def _upgraded(self) -> None:
+        """Our workers all serve: the old ones stop accepting and drain."""
+        self.upgrading = False
+        old = [h for h in self.workers.values() if h.state == "old"]
+        for handle in old:
+            handle.state = "draining"
+            handle.channel.send("drain")
+        log.info("Upgrade done: version {} serves with {} worker(s); {} old worker(s) "
+                 "drain their connections", __version__, self.config.workers, len(old))
+        notify("READY=1")
 
     # -- what operators ask (control.py, metrics.py, SIGUSR1) -------------------
 

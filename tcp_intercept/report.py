@@ -85,7 +85,8 @@ def info_lines(*, name: str, version: str, options: str, uptime: float,
     lines = [f"Name: {name}", f"Version: {version}", f"Pid: {master.pid}",
              f"Uptime: {days}d {hours}h{minutes:02d}m{seconds:02d}s",
              f"Uptime_sec: {int(uptime)}", f"Options: {options}",
-             f"Workers: {sum(p.role.startswith('worker') for p in processes)}",
+             f"Workers: {sum(p.state in ('serving', 'old') for p in processes)}",
+             f"Workers_draining: {sum(p.state == 'draining' for p in processes)}",
              f"Connections_open: {c.open_connections(totals)}"]
     lines += [f"{key}: {totals[index]}" for key, index in INFO_COUNTERS]
     fds = [p.fds() for p in processes]

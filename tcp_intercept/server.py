@@ -12,55 +12,40 @@ file go.
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
-import socket
 import sys
-from dataclasses import dataclass, field
 
 from loguru import logger as log
 
-from . import NAME, __version__, sockopts
+from daemon.pidfile import TimeoutPIDLockFile
+from . import NAME, __version__, handover, sockopts
 from .config import Config
-from .control import open_control_socket, remove_control_socket, socket_file_id
+from .control import open_control_socket, socket_file_id
 from .counters import Board
-from .daemon import EX_OSERR, Launch, StartupError, detach, write_pid_file
+from .daemon import EX_OSERR, Launch, StartupError, detach, notify, write_pid_file
 from .listener import open_listeners
 from .logs import Log
-from .master import Master
+from .master import Master, Sockets
 from .steering import steer_by_client
 
 # Two descriptors per connection, a few for pipes and the daemon itself.
 FEW_DESCRIPTORS = 4096
 
 
-@dataclass
-class Sockets:
-    """Every socket the master holds: made before detaching, kept for life."""
-    listeners: list[socket.socket] = field(default_factory=list)
-    control: socket.socket | None = None
-    control_path: str | None = None
-    control_file: tuple[int, int] | None = None
-    metrics: socket.socket | None = None
-
-    def all(self) -> list[socket.socket]:
-        return [s for s in (*self.listeners, self.control, self.metrics) if s is not None]
-
-    def close(self) -> None:
-        if self.control is not None:
-            remove_control_socket(self.control_path, self.control_file)
-        for sock in self.all():
-            sock.close()
-
-
-def run(config: Config) -> int:
-    """The daemon, from parsed options to exit status."""
+def run(config: Config, command: list[str]) -> int:
+    """The daemon, from parsed options to exit status. command: how this
+    process was started, to exec again for an upgrade (handover.py)."""
+    taken = handover.take()
     logs = Log(config.log_file)
     try:
-        logs.open()
+        logs.open(detached=taken is not None and not config.foreground)
     except OSError as err:
         print(f"Can not open log file {config.log_file}: {err.strerror}", file=sys.stderr)
         return EX_OSERR
+    if taken is not None:
+        return _take_over(config, command, taken, logs)
     log.info("{} version {} starting up", NAME, __version__)
     sockets = Sockets()
     try:
@@ -86,37 +71,55 @@ def run(config: Config) -> int:
         launch.report(err.status, str(err))
         sockets.close()
         return _fatal(logs, err)
-    status = _serve(config, sockets, logs, launch)
-    log.info("Exiting cleanly...")
-    sockets.close()
-    if pidfile is not None:
-        pidfile.release()
-    logs.close()
-    return status
-
-
-def _serve(config: Config, sockets: Sockets, logs: Log, launch: Launch) -> int:
-    """The master, until it stops; the exit status."""
     _raise_descriptor_limit()
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE is handled per send
-    # A slot per worker, and room for the workers of an upgrade (old and new).
+    # A slot per worker, and room for the workers of upgrades (old and new).
     board = Board(slots=4 * config.workers + 8)
-    master = Master(config, sockets.listeners, logs, board, control_sock=sockets.control,
-                    metrics_sock=sockets.metrics)
-    outcome = []
+    master = Master(config, sockets, logs, board, command)
 
     def ready(status: int, message: str) -> None:
-        outcome.append(status)
         launch.report(status, message)
         if status == 0:
             log.info("Setup done, starting event loop")
+            notify("READY=1")
         else:
             log.error("{}", message)
 
-    master.run(ready)
-    board.close()
-    return outcome[0] if outcome else EX_OSERR
+    return _serve(master, ready, pidfile)
 
+
+def _take_over(config: Config, command: list[str], taken: handover.Handover,
+               logs: Log) -> int:
+    """Started by an upgrade: adopt what the old program handed over."""
+    log.info("{} version {} taking over from version {} (pid {} stays)", NAME, __version__,
+             taken.version, os.getpid())
+    sockets = Sockets(listeners=[handover.adopt(fd) for fd in taken.listeners],
+                      control=None if taken.control is None else handover.adopt(taken.control),
+                      control_path=taken.control_path,
+                      control_file=tuple(taken.control_file) if taken.control_file else None,
+                      metrics=None if taken.metrics is None else handover.adopt(taken.metrics))
+    master = Master(config, sockets, logs, Board(fd=taken.board), command, taken)
+    # The pid file holds our pid already; it goes at exit as before.
+    pidfile = TimeoutPIDLockFile(config.pid_file) if config.pid_file else None
+    return _serve(master, lambda status, message: None, pidfile)
+
+
+def _serve(master: Master, ready, pidfile) -> int:
+    """The master, until it stops; then everything it held goes. The exit status."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # EPIPE is handled per send
+    outcome = []
+
+    def on_ready(status: int, message: str) -> None:
+        outcome.append(status)
+        ready(status, message)
+
+    master.run(on_ready)
+    log.info("Exiting cleanly...")
+    master.sockets.close()
+    master.board.close()
+    if pidfile is not None and pidfile.is_locked() and pidfile.i_am_locking():
+        pidfile.release()
+    master.logs.close()
+    return outcome[0] if outcome else EX_OSERR
 
 def _open_sockets(config: Config, sockets: Sockets) -> None:
     """The listeners, the control socket and the metrics endpoint, into sockets."""

@@ -36,8 +36,10 @@ class Daemon:
 
     def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
                  listen: str | None = None, log_file: bool | Path = False,
-                 foreground: bool = True, pid_file: bool = False, control: bool = False):
+                 foreground: bool = True, pid_file: bool = False, control: bool = False,
+                 repo: Path | None = None):
         self.topo = topo
+        self.repo = repo or REPO  # where tcp_intercept is imported from
         self.workdir = Path(workdir)
         self.listen = listen or f"[0.0.0.0]:[{topo.port}]"
         self.port = int(self.listen.rsplit(":", 1)[1].strip("[]"))
@@ -71,7 +73,7 @@ class Daemon:
 
     def start(self, timeout: float = 20) -> Daemon:
         # cwd too: `python -m` imports from the working directory first.
-        env, cwd = {**os.environ, "PYTHONPATH": str(REPO)}, str(REPO)
+        env, cwd = {**os.environ, "PYTHONPATH": str(self.repo)}, str(self.repo)
         with open(self.out_path, "ab") as out:
             if self.foreground:
                 self.proc = self.topo.popen(self.topo.rtr, *self.command, stdin=subprocess.DEVNULL,

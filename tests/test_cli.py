@@ -19,7 +19,7 @@ EX_OK, EX_USAGE, EX_DATAERR = 0, 64, 65
 def started(monkeypatch):
     """The Configs main() would have run the daemon with."""
     configs = []
-    monkeypatch.setattr(server, "run", lambda config: configs.append(config) or 0)
+    monkeypatch.setattr(server, "run", lambda config, command: configs.append(config) or 0)
     return configs
 
 

@@ -1,0 +1,134 @@
+"""The seamless upgrade: SIGUSR2 to the master re-executes the installed
+program in place; under load no connection is refused, dropped or cut;
+connections waiting in a listener's queue at the hand-over are served; a
+broken install leaves the old daemon serving."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from .intercept import REPO
+from .load import ShortConnections
+from .peers import ECHO, payload, sha256
+from .topology import pid_alive, wait_for
+
+
+class Trickle(threading.Thread):
+    """A long connection through the daemon sending a piece every 0.1 s for
+    `seconds`, reading the echo back: (bytes, SHA-256 sent, SHA-256 echoed)."""
+
+    def __init__(self, topo, seed: int, seconds: float = 4.0):
+        super().__init__(daemon=True)
+        self.sock = topo.connect(topo.cli, topo.SERVER4, ECHO)
+        self.sock.settimeout(10)
+        self.data = payload(int(seconds * 10) * 1000, seed=seed)
+        self.echoed = hashlib.sha256()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.sock:
+                for start in range(0, len(self.data), 1000):
+                    piece = self.data[start:start + 1000]
+                    self.sock.sendall(piece)
+                    self.echoed.update(self.sock.recv(len(piece), socket.MSG_WAITALL))
+                    time.sleep(0.1)
+                self.sock.shutdown(socket.SHUT_WR)
+                assert self.sock.recv(1) == b""
+        except BaseException as err:  # checked by the test
+            self.error = err
+
+    def intact(self) -> bool:
+        return self.error is None and self.echoed.hexdigest() == sha256(self.data)
+
+
+def upgraded(daemon) -> list[str]:
+    return daemon.wait_log("Upgrade done", timeout=20)
+
+
+def test_an_upgrade_under_load_loses_nothing(topo, peers, start_daemon):
+    daemon = start_daemon("-w", "2", control=True, log_file=True)
+    old = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    listeners_before = _listening_sockets(topo)
+    trickles = [Trickle(topo, seed=n) for n in range(6)]
+    for trickle in trickles:
+        trickle.start()
+    with ShortConnections(topo, threads=6) as load:
+        load.wait_for(200)
+        before = load.total
+        daemon.signal(signal.SIGUSR2)
+        upgraded(daemon)
+        load.wait_for(load.total + 300)
+        during = load.total - before
+        for trickle in trickles:
+            trickle.join(timeout=20)
+    assert not load.failed, f"{dict(load.failed)} of {load.total} short connections failed"
+    assert during >= 300
+    assert all(t.intact() for t in trickles), [t.error for t in trickles]
+    assert daemon.alive() and int(daemon.info()["Pid"]) == daemon.pid
+    # The old workers left once their connections ended; new ones serve.
+    wait_for(lambda: not any(pid_alive(pid) for pid in old), 10, "the old workers to exit")
+    new = daemon.workers()
+    assert len(new) == 2 and not set(new) & set(old)
+    assert daemon.info()["Workers"] == "2"
+    # The very same listening sockets: none was closed and made anew.
+    assert _listening_sockets(topo) == listeners_before
+
+
+def _listening_sockets(topo) -> list[str]:
+    out = topo.run(topo.rtr, "ss", "-Htlne", "sport", "= :5000").stdout
+    return sorted(word for line in out.splitlines() for word in line.split()
+                  if word.startswith("ino:"))
+
+
+def test_connections_queued_at_the_hand_over_are_served(topo, peers, start_daemon):
+    """Connections waiting in the accept queue of a listening socket whose
+    worker is being replaced: with a new socket per new worker, closing the
+    old one would reset them. The sockets are kept, and the new worker
+    takes them from the very same queue."""
+    daemon = start_daemon(control=True, log_file=True)
+    [old] = wait_for(lambda: len(daemon.workers()) == 1 and daemon.workers(), 10, "worker")
+    os.kill(old, signal.SIGSTOP)  # accepts nothing: connections queue up
+    try:
+        queued = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(20)]
+        daemon.signal(signal.SIGUSR2)
+        upgraded(daemon)
+    finally:
+        os.kill(old, signal.SIGCONT)
+    for n, sock in enumerate(queued):
+        with sock:
+            data = payload(2000, seed=50 + n)
+            sock.sendall(data)
+            assert sock.recv(len(data), socket.MSG_WAITALL) == data
+    wait_for(lambda: not pid_alive(old), 10, "the old worker to exit")
+
+
+@pytest.mark.parametrize("breakage", ["import error", "option refused"])
+def test_a_broken_install_leaves_the_old_daemon_serving(topo, peers, start_daemon,
+                                                        tmp_path, breakage):
+    install = tmp_path / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
+    workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    if breakage == "import error":
+        (install / "tcp_intercept" / "worker.py").write_text("raise ImportError('broken')\n")
+    else:  # a program that no longer takes an option of the running command line
+        cli = install / "tcp_intercept" / "cli.py"
+        cli.write_text(cli.read_text().replace('"control=", ', ""))
+    daemon.signal(signal.SIGUSR2)
+    [line] = daemon.wait_log("Upgrade aborted, this program goes on")
+    assert ("ImportError: broken" if breakage == "import error" else "control") in line, line
+    assert daemon.workers() == workers and daemon.alive()
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"still here")
+        assert sock.recv(10, socket.MSG_WAITALL) == b"still here"
+    assert daemon.info()["Workers"] == "2"
