@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from . import NAME, __version__, address, sockopts
+from . import NAME, __version__, address, privileges, sockopts
 from .address import AddressError
 from .config import DEFAULT_LISTEN, DEFAULT_OUTGOING, Config, Keepalive
 
@@ -85,15 +85,20 @@ Options:
                                   accepted the connection within this long
   --idle-timeout seconds          Reset both sides of a connection that moved
                                   no byte either way for this long
+  -u --user user                  Once listening, run as this user, keeping
+                                  only the capabilities still needed
+                                  (CAP_NET_ADMIN with -B client)
+  -g --group group                With -u: run with this group instead of the
+                                  user's own
 """
 
-SHORT = "hVknfqp:b:B:l:C:Mw:"
+SHORT = "hVknfqp:b:B:l:C:Mw:u:g:"
 LONG = ["help", "version", "keepalive", "tcp_nodelay", "foreground", "quiet",
         "pid-file=", "bind-listen=", "bind-outgoing=", "log=", "congestion=",
         "client-congestion=", "mptcp", "mptcp-listen", "keepalive-idle=",
         "keepalive-interval=", "keepalive-count=", "user-timeout=", "workers=",
         "drain-timeout=", "control=", "metrics=", "max-connections=", "max-per-client=",
-        "connect-timeout=", "idle-timeout="]
+        "connect-timeout=", "idle-timeout=", "user=", "group="]
 MAX_WORKERS = 64
 
 
@@ -188,6 +193,8 @@ _FIELDS = {
     "--max-per-client": ("max_per_client", _count),
     "--connect-timeout": ("connect_timeout", _fraction),
     "--idle-timeout": ("idle_timeout", _fraction),
+    "-u": ("user", _text), "--user": ("user", _text),
+    "-g": ("group", _text), "--group": ("group", _text),
 }
 
 
@@ -229,6 +236,13 @@ def _check(flags: dict) -> None:
         path = flags.get(name)
         if path is not None and not os.path.isabs(path):
             raise UsageError(f"--{name.replace('_', '-')}: {path!r} is not an absolute path")
+    if flags.get("group") and not flags.get("user"):
+        raise UsageError("--group: give --user too (the group is the user's own otherwise)")
+    if flags.get("user"):
+        try:
+            privileges.identity(flags["user"], flags.get("group"))
+        except KeyError as err:
+            raise UsageError(f"--user/--group: {err.args[0]}") from None
     if flags.get("max_connections", 1 << 31) < flags.get("workers", 1):
         raise UsageError("--max-connections: every worker needs a share of at least one "
                          "connection; give at least as many as --workers")

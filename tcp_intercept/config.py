@@ -50,6 +50,9 @@ class Config:
     max_per_client: int | None = None
     connect_timeout: float | None = None
     idle_timeout: float | None = None
+    # Least privilege: who the daemon becomes once its sockets are bound.
+    user: str | None = None
+    group: str | None = None
 
     @property
     def spoof_client(self) -> bool:
@@ -80,5 +83,5 @@ _OPTIONS = (
     ("workers", "-w"), ("drain_timeout", "--drain-timeout"), ("control", "--control"),
     ("metrics", "--metrics"), ("max_connections", "--max-connections"),
     ("max_per_client", "--max-per-client"), ("connect_timeout", "--connect-timeout"),
-    ("idle_timeout", "--idle-timeout"),
+    ("idle_timeout", "--idle-timeout"), ("user", "-u"), ("group", "-g"),
 )

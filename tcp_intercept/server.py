@@ -20,7 +20,7 @@ import sys
 from loguru import logger as log
 
 from daemon.pidfile import TimeoutPIDLockFile
-from . import NAME, __version__, handover, sockopts
+from . import NAME, __version__, handover, privileges, sockopts
 from .config import Config
 from .control import open_control_socket, socket_file_id
 from .counters import Board
@@ -66,12 +66,11 @@ def run(config: Config, command: list[str]) -> int:
         launch = result
         logs.open(detached=True)
     try:
-        pidfile = write_pid_file(config.pid_file) if config.pid_file else None
+        pidfile = _settle(config, logs)
     except StartupError as err:
         launch.report(err.status, str(err))
         sockets.close()
         return _fatal(logs, err)
-    _raise_descriptor_limit()
     # A slot per worker, and room for the workers of upgrades (old and new).
     board = Board(slots=4 * config.workers + 8)
     master = Master(config, sockets, logs, board, command)
@@ -97,6 +96,10 @@ def _take_over(config: Config, command: list[str], taken: handover.Handover,
                       control_path=taken.control_path,
                       control_file=tuple(taken.control_file) if taken.control_file else None,
                       metrics=None if taken.metrics is None else handover.adopt(taken.metrics))
+    try:
+        _drop_privileges(config, logs)  # already done: keeps no more than before
+    except StartupError as err:
+        log.error("{}", err)  # nothing better to do than go on as we are
     master = Master(config, sockets, logs, Board(fd=taken.board), command, taken)
     # The pid file holds our pid already; it goes at exit as before.
     pidfile = TimeoutPIDLockFile(config.pid_file) if config.pid_file else None
@@ -117,9 +120,47 @@ def _serve(master: Master, ready, pidfile) -> int:
     master.sockets.close()
     master.board.close()
     if pidfile is not None and pidfile.is_locked() and pidfile.i_am_locking():
-        pidfile.release()
+        try:
+            pidfile.release()
+        except Exception as err:  # lockfile's own errors too; its directory is not ours?
+            log.warning("Can not remove the pid file {}: {}", pidfile.path, err)
     master.logs.close()
     return outcome[0] if outcome else EX_OSERR
+
+def _settle(config: Config, logs: Log) -> TimeoutPIDLockFile | None:
+    """Detached: the pid file, the descriptor limit, then privileges dropped."""
+    pidfile = write_pid_file(config.pid_file) if config.pid_file else None
+    _raise_descriptor_limit()
+    try:
+        _drop_privileges(config, logs)
+    except StartupError:
+        if pidfile is not None:
+            pidfile.release()
+        raise
+    return pidfile
+
+
+def _drop_privileges(config: Config, logs: Log) -> None:
+    """Become --user with only the capabilities still needed (privileges.py)."""
+    who = privileges.identity(config.user, config.group) if config.user else None
+    if who is not None and os.geteuid() == 0 and logs.fileno() is not None:
+        _give_log_file(logs, who)
+    try:
+        said = privileges.drop(who, privileges.needed(config))
+    except privileges.PrivilegeError as err:
+        raise StartupError(str(err)) from None
+    if said:
+        log.info("{}", said)
+
+
+def _give_log_file(logs: Log, who: privileges.Identity) -> None:
+    """The user must be able to reopen the log file on SIGHUP: one it cannot
+    write is given to it (as nginx does with its logs)."""
+    found = os.fstat(logs.fileno())
+    if found.st_uid != who.uid and not (found.st_gid in who.groups and found.st_mode & 0o020):
+        os.fchown(logs.fileno(), who.uid, -1)
+        log.info("The log file {} now belongs to user {}", logs.path, who.user)
+
 
 def _open_sockets(config: Config, sockets: Sockets) -> None:
     """The listeners, the control socket and the metrics endpoint, into sockets."""
@@ -135,7 +176,11 @@ def _open_sockets(config: Config, sockets: Sockets) -> None:
         raise StartupError(f"Can not listen on {config.listen}: {err.strerror}") from None
     log.info("Listening on {}", config.listen)
     if config.control:
-        sockets.control = open_control_socket(config.control)
+        owner = None
+        if config.user and os.geteuid() == 0:
+            who = privileges.identity(config.user, config.group)
+            owner = (who.uid, who.gid)
+        sockets.control = open_control_socket(config.control, owner)
         sockets.control_path = config.control
         sockets.control_file = socket_file_id(config.control)
     if config.metrics:

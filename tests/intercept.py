@@ -36,7 +36,7 @@ class Daemon:
 
     def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
                  listen: str | None = None, log_file: bool | Path = False,
-                 foreground: bool = True, pid_file: bool = False, control: bool = False,
+                 foreground: bool = True, pid_file: bool | Path = False, control: bool = False,
                  repo: Path | None = None):
         self.topo = topo
         self.repo = repo or REPO  # where tcp_intercept is imported from
@@ -48,7 +48,10 @@ class Daemon:
             self.log_path: Path | None = log_file
         else:
             self.log_path = self.workdir / f"{name}.log" if log_file else None
-        self.pid_path = self.workdir / f"{name}.pid" if pid_file else None
+        if isinstance(pid_file, Path):
+            self.pid_path: Path | None = pid_file
+        else:
+            self.pid_path = self.workdir / f"{name}.pid" if pid_file else None
         self.foreground = foreground
         self.args = ["-b", self.listen, *args]
         if self.log_path:

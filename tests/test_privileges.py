@@ -1,0 +1,152 @@
+"""Least privilege (-u / -g): the daemon binds as root, then runs as the
+user with only the capability it still needs, in the master and every
+worker; what it must still do as that user (relay, spoof, reopen its log,
+remove its pid file) works."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .intercept import REPO
+from .peers import ECHO, exchange, payload, sha256
+from .topology import pid_alive, wait_for
+
+NOBODY = pwd.getpwnam("nobody")
+CAP_NET_ADMIN = 1 << 12
+
+
+@pytest.fixture
+def nobodys_dir():
+    """A directory the user nobody may write (pytest's own are root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="ti-priv-", dir="/tmp"))
+    os.chown(path, NOBODY.pw_uid, NOBODY.pw_gid)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def check_process(pid: int, caps: int) -> None:
+    found = status(pid)
+    assert found["Uid"].split() == [str(NOBODY.pw_uid)] * 4, found["Uid"]
+    assert found["Gid"].split() == [str(NOBODY.pw_gid)] * 4, found["Gid"]
+    for key in ("CapEff", "CapPrm", "CapAmb"):
+        assert int(found[key], 16) == caps, (pid, key, found[key])
+    assert int(found["CapBnd"], 16) == caps
+    assert found["NoNewPrivs"].strip() == "1"
+
+
+def test_as_nobody_with_net_admin_alone_it_spoofs_and_reopens_its_log(topo, peers,
+                                                                      start_daemon,
+                                                                      nobodys_dir):
+    daemon = start_daemon("-u", "nobody", "-B", "client", "-w", "2",
+                          log_file=nobodys_dir / "d.log", pid_file=nobodys_dir / "d.pid")
+    workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    for pid in (daemon.pid, *workers):
+        check_process(pid, CAP_NET_ADMIN)
+    daemon.wait_log("Running as user nobody (uid 65534), group nogroup (gid 65534); "
+                    "capabilities kept: CAP_NET_ADMIN")
+    data = payload(100_000, seed=1)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        client = sock.getsockname()
+        assert exchange(sock, data) == (len(data), sha256(data), "eof")
+    [record] = peers.wait_records(sha256=sha256(data))
+    assert record.peer == client, "the server did not see the client's address"
+    # SIGHUP as nobody: logrotate moved the file; the new one is created.
+    daemon.log_path.rename(nobodys_dir / "d.log.1")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("Received SIGHUP, (re)opening this logfile", count=3)  # master + 2
+    assert daemon.log_path.stat().st_uid == NOBODY.pw_uid
+    # At exit, nobody removes its pid file.
+    daemon.stop()
+    assert not daemon.pid_path.exists()
+
+
+def test_without_spoofing_it_keeps_no_capability(topo, peers, start_daemon, nobodys_dir):
+    daemon = start_daemon("-u", "nobody", log_file=nobodys_dir / "d.log")
+    for pid in (daemon.pid, daemon.worker):
+        check_process(pid, 0)
+    daemon.wait_log("capabilities kept: none")
+    data = payload(10_000, seed=2)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        assert exchange(sock, data) == (len(data), sha256(data), "eof")
+
+
+def congestion_controls() -> tuple[list[str], list[str]]:
+    """(allowed to unprivileged sockets, available but not allowed): the
+    kernel's global lists (not a namespace's own: they cannot be changed in one)."""
+    base = Path("/proc/sys/net/ipv4")
+    allowed = (base / "tcp_allowed_congestion_control").read_text().split()
+    available = (base / "tcp_available_congestion_control").read_text().split()
+    return allowed, [algo for algo in available if algo not in allowed]
+
+
+def test_congestion_control_needs_net_admin_only_when_the_kernel_does_not_allow_it(
+        topo, peers, start_daemon):
+    allowed, privileged = congestion_controls()
+    cases = [(allowed[0], 0)] + [(algo, CAP_NET_ADMIN) for algo in privileged[:1]]
+    for algo, caps in cases:
+        daemon = start_daemon("-u", "nobody", "-C", algo, name=f"cc-{algo}")
+        check_process(daemon.worker, caps)
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+            out = topo.run(topo.rtr, "ss", "-Htin", "dst", f"{topo.SERVER4}:{ECHO}").stdout
+        assert algo in out.split(), out
+        daemon.stop()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["-u", "no-such-user"], "no such user 'no-such-user'"),
+    (["-u", "nobody", "-g", "no-such-group"], "no such group 'no-such-group'"),
+    (["-g", "nogroup"], "--group: give --user too"),
+])
+def test_a_bad_user_or_group_exits_64_before_anything_is_bound(topo, options, message):
+    done = topo.run(topo.rtr, sys.executable, "-m", "tcp_intercept", "-f", *options,
+                    check=False, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 64, done
+    assert message in done.stderr and len(done.stderr.splitlines()) == 2
+    assert "Listening" not in done.stderr + done.stdout
+    assert "5000" not in topo.run(topo.rtr, "ss", "-Htln").stdout
+
+
+def test_the_control_socket_belongs_to_the_user(topo, start_daemon, nobodys_dir):
+    daemon = start_daemon("-u", "nobody", control=True, log_file=nobodys_dir / "d.log")
+    found = daemon.control_path.stat()
+    assert (found.st_uid, found.st_mode & 0o777) == (NOBODY.pw_uid, 0o600)
+    assert daemon.info()["Pid"] == str(daemon.pid)
+    pid = daemon.pid
+    daemon.stop()
+    assert not pid_alive(pid)
+
+
+@pytest.mark.parametrize("options, caps", [
+    ([], []),
+    (["-B", "client"], ["CAP_NET_ADMIN"]),
+    (["-C", "reno"], []),
+    (["-C", "cubic"], ["CAP_NET_ADMIN"]),
+    (["--client-congestion", "cubic"], []),  # set on the listener, before dropping
+    (["-B", "[0.0.0.0]:[80]"], ["CAP_NET_BIND_SERVICE"]),
+    (["-B", "[0.0.0.0]:[0]", "-k", "-M"], []),
+])
+def test_what_each_option_still_needs(monkeypatch, tmp_path, options, caps):
+    from tcp_intercept import cli, privileges, sockopts
+    allowed = tmp_path / "allowed"
+    allowed.write_text("reno bbr\n")
+    monkeypatch.setattr(privileges, "ALLOWED_CONGESTION", str(allowed))
+    monkeypatch.setattr(sockopts, "available_congestion", lambda: ["reno", "bbr", "cubic"])
+    monkeypatch.setattr(sockopts, "mptcp_available", lambda: True)
+    assert privileges.needed(cli.parse_args(options)) == caps
