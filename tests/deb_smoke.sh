@@ -30,8 +30,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 ID=$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
 NS_C=tds$ID-c NS_R=tds$ID-r NS_S=tds$ID-s
 WORK=$(mktemp -d /tmp/tds-smoke.XXXXXX)
-PIDFILE=/run/tcp-intercept.pid
-LOG=/var/log/tcp-intercept.log
+PIDFILE=/run/tcp-intercept/tcp-intercept.pid
+LOG=/var/log/tcp-intercept/tcp-intercept.log
 DEFAULTS=/etc/default/tcp-intercept
 TPROXY=/usr/lib/tcp-intercept/tproxy.sh
 PORT=5077 # preseeded: the TPROXY port must follow BIND_LISTEN

@@ -33,7 +33,7 @@ export NSPAWN_LOGS=$WORK
 # Topology's addresses (tests/topology.py), in namespaces of our own.
 CLIENT=10.91.1.2 ROUTER_C=10.91.1.1 ROUTER_S=10.91.2.1 SERVER=10.91.2.2
 SERVER_PORT=7070
-LOG=/var/log/tcp-intercept.log # in the container
+LOG=/var/log/tcp-intercept/tcp-intercept.log # in the container
 DEFAULTS=/etc/default/tcp-intercept
 TPROXY=/usr/lib/tcp-intercept/tproxy.sh
 SERVER_PID='' NAMESPACES=()

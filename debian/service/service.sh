@@ -5,12 +5,25 @@
 # script and the systemd unit cannot drift apart.
 
 DAEMON=/usr/sbin/tcp-interceptd
-PIDFILE=/run/tcp-intercept.pid
+CTL=/usr/sbin/tcp-intercept-ctl
+# The daemon's own directory (systemd: RuntimeDirectory=): its user may
+# create and remove the pid file and the control socket there.
+RUNDIR=/run/tcp-intercept
+PIDFILE=$RUNDIR/tcp-intercept.pid
 TPROXY=/usr/lib/tcp-intercept/tproxy.sh
 
 BIND_LISTEN='[0.0.0.0]:[5000]'
 BIND_OUTGOING='[0.0.0.0]:[0]'
-LOGFILE=/var/log/tcp-intercept.log
+LOGFILE=/var/log/tcp-intercept/tcp-intercept.log
+DAEMON_USER=tcp-intercept
+CONTROL_SOCKET=$RUNDIR/tcp-intercept.sock
+METRICS=
+WORKERS=1
+MAX_CONNECTIONS=
+MAX_PER_CLIENT=
+CONNECT_TIMEOUT=
+IDLE_TIMEOUT=
+DRAIN_TIMEOUT=
 DAEMON_ARGS=
 DAEMON_OPTS=
 CONTROL_NETWORK=0
@@ -25,19 +38,47 @@ if [ -r /etc/default/tcp-intercept ]; then
     . /etc/default/tcp-intercept
 fi
 
+# -u for the daemon: started as root, it switches to DAEMON_USER once it
+# listens; already someone else (systemd's User=), it is that user.
+_tcp_intercept_user() {
+    if [ "$(id -u)" = 0 ] && [ -n "$DAEMON_USER" ] && [ "$DAEMON_USER" != root ]; then
+        echo "$DAEMON_USER"
+    fi
+}
+
+# The directory of the pid file and the control socket, for DAEMON_USER.
+tcp_intercept_rundir() {
+    user=$(_tcp_intercept_user)
+    install -d -m 0755 ${user:+-o "$user"} "$RUNDIR"
+}
+
 # Runs "$@" followed by the daemon's options: the command is start-stop-daemon
 # in the init script, exec of the daemon in the foreground under systemd.
 # DAEMON_ARGS and DAEMON_OPTS are both honoured (the original's postinst
 # wrote one and its init script read the other) and split into words on
 # purpose; globbing is off, or "[::1]:[80]" could match a file name.
 tcp_intercept_run() {
+    user=$(_tcp_intercept_user)
     set -f
     # shellcheck disable=SC2086
     "$@" -p "$PIDFILE" -b "$BIND_LISTEN" -B "$BIND_OUTGOING" \
-        ${LOGFILE:+-l "$LOGFILE"} $DAEMON_ARGS $DAEMON_OPTS
+        ${LOGFILE:+-l "$LOGFILE"} ${user:+-u "$user"} \
+        ${CONTROL_SOCKET:+--control "$CONTROL_SOCKET"} ${METRICS:+--metrics "$METRICS"} \
+        ${WORKERS:+-w "$WORKERS"} ${MAX_CONNECTIONS:+--max-connections "$MAX_CONNECTIONS"} \
+        ${MAX_PER_CLIENT:+--max-per-client "$MAX_PER_CLIENT"} \
+        ${CONNECT_TIMEOUT:+--connect-timeout "$CONNECT_TIMEOUT"} \
+        ${IDLE_TIMEOUT:+--idle-timeout "$IDLE_TIMEOUT"} \
+        ${DRAIN_TIMEOUT:+--drain-timeout "$DRAIN_TIMEOUT"} \
+        $DAEMON_ARGS $DAEMON_OPTS
     set -- $?
     set +f
     return "$1"
+}
+
+# The version the running daemon reports (its control socket), or nothing.
+tcp_intercept_running_version() {
+    [ -n "$CONTROL_SOCKET" ] || return 0
+    "$CTL" -s "$CONTROL_SOCKET" show info 2>/dev/null | sed -n 's/^Version: //p'
 }
 
 # The TPROXY port: LISTEN_PORT, else the port of BIND_LISTEN, else 5000.
