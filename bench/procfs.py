@@ -19,21 +19,29 @@ def children(pid: int) -> list[int]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """The CPU time of pid and its children so far: its own utime + stime,
-    those of the children it reaped (cutime + cstime), and those of its live
+    """The CPU time of pid and its children so far (cpu_times(), summed)."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) seconds of pid and its children so far: its own, those
+    of the children it reaped (cutime, cstime), and those of its live
     children (a master's workers)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # fields 14-17 of stat(5)
-    own = sum(int(f) for f in fields[11:15]) / TICK
-    return own + sum(_own_cpu(child) for child in children(pid))
+    fields = _stat(pid)
+    user = (int(fields[11]) + int(fields[13])) / TICK  # utime + cutime (stat(5): 14, 16)
+    system = (int(fields[12]) + int(fields[14])) / TICK  # stime + cstime (15, 17)
+    for child in children(pid):
+        try:
+            child_fields = _stat(child)
+        except OSError:
+            continue
+        user += int(child_fields[11]) / TICK
+        system += int(child_fields[12]) / TICK
+    return user, system
 
 
-def _own_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
 def kib(path: str, key: str) -> int:

@@ -93,7 +93,7 @@ class Connection:
         self._id = None
         self.started = self.active = ctx.loop.now()
         self.key = ctx.table.add(self)
-        ctx.ctr[counters.ACCEPTED] += 1
+        ctx.ctr[counters.ACCEPTED] += 1  # count
         if ctx.log is not None:
             ctx.log.info(f"{self.id}: Connection intercepted")
         try:
@@ -159,7 +159,7 @@ class Connection:
             return
         self.sw.stop()  # re-armed by _update, with the relaying callback
         self.smask = 0
-        self.active = self.ctx.loop.now()
+        self.active = self.ctx.loop.now()  # count
         try:
             error = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
@@ -181,7 +181,7 @@ class Connection:
         """`inbound` reads from the socket that fired, `outbound` writes to it."""
         if self.closed:
             return
-        self.active = self.ctx.loop.now()
+        self.active = self.ctx.loop.now()  # count
         relay = inbound
         try:
             if events & READ and inbound.on_readable() and self.ctx.log is not None:
@@ -215,7 +215,7 @@ class Connection:
             watcher.start(self._on_event, EVENTS, inbound, outbound)
 
     def _connect_failed(self, code: int | None, why) -> None:
-        self.ctx.ctr[CONNECT_FAILURE.get(code, counters.CONNECT_OTHER)] += 1
+        self.ctx.ctr[CONNECT_FAILURE.get(code, counters.CONNECT_OTHER)] += 1  # count
         if self.ctx.log is not None:
             self.ctx.log.warning(f"{self.id}: connect to server failed: {why}")
         self.abort()
@@ -269,7 +269,7 @@ class Connection:
         if self.server is not None:
             self.server.close()
         ctx = self.ctx
-        ctx.ctr[how] += 1
+        ctx.ctr[how] += 1  # count
         ctx.table.remove(self.key)
         if ctx.on_close is not None:
             ctx.on_close(self)

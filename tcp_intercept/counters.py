@@ -10,6 +10,11 @@ over the daemon never goes backwards when a worker exits, dies or is
 replaced by an upgrade. The memory is a memfd: the upgrade hands it to the
 new program, which goes on counting from the same numbers.
 
+Every line that counts (or stamps a connection's last activity, for
+--idle-timeout and show conns) ends with `# count`: bench/nocount.py makes
+a copy of the package with those lines stubbed out, to measure what
+counting costs.
+
 Open connections are not counted separately: every accepted connection ends
 in exactly one of the closed_* counters, so open = accepted - closed. A
 worker that dies takes its connections with it (the kernel resets them);

@@ -44,6 +44,7 @@ FLUSH_SIZE = 64 * 1024
 FLUSH_DELAY = 0.05  # seconds from a buffer's first line to its write()
 SYSLOG_PATH = "/dev/log"
 SYSLOG_IDENT = "tcp-intercept"
+MAX_BACKLOG = 10_000  # lines kept for a slow syslog before they are dropped
 # <facility daemon (3) * 8 + severity> for the levels we write.
 SYSLOG_PRIORITY = {"INFO": 30, "WARNING": 28, "ERROR": 27, "CRITICAL": 26, "DEBUG": 31}
 LOG_FILE_MODE = 0o640
@@ -109,8 +110,11 @@ class Log:
         self._replace(None)
 
     def fileno(self) -> int | None:
-        """The descriptor a child process must keep (None for syslog)."""
-        return self._target.fd if isinstance(self._target, _FileTarget) else None
+        """The descriptor a forked worker must keep (the file, stderr or the
+        syslog socket; None when there is none)."""
+        if self._target is None or self._target.fd < 0:
+            return None
+        return self._target.fd
 
     def _replace(self, target: _Target | None) -> None:
         self.flush()
@@ -175,7 +179,12 @@ class Log:
             return
         lines, self._lines, self._size = self._lines, [], 0
         if self._target is not None:
-            self._target.write(lines)
+            # What a slow syslog could not take yet waits for the next flush
+            # (not counted in _size: it must not make every line flush).
+            self._lines = self._target.write(lines)
+            if self._lines and self._flusher is not None and not self._pending:
+                self._pending = True
+                self._flusher.start(self._on_timer)
 
 
 class _Target:
@@ -190,7 +199,8 @@ class _Target:
         self.reason = ""
         self.since = 0.0
 
-    def write(self, lines: list[str]) -> None:
+    def write(self, lines: list[str]) -> list[str]:
+        """Write lines; those to try again at the next flush (syslog only)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -220,17 +230,18 @@ class _FileTarget(_Target):
         self.mid_line = False  # a failed write left the file inside a line
         self.error: OSError | None = None
 
-    def write(self, lines: list[str]) -> None:
+    def write(self, lines: list[str]) -> list[str]:
         data = "".join(lines).encode("utf-8", "backslashreplace")
         if self.dropped:
             note = (("\n" if self.mid_line else "") + self._note()).encode()
             if self._put(note) < len(note):
                 self._lost(data.count(b"\n"), self.error)
-                return
+                return []
             self.dropped = 0
         done = self._put(data)
         if done < len(data):
             self._lost(data.count(b"\n", done), self.error)
+        return []
 
     def _put(self, data: bytes) -> int:
         """Write data; how much of it was written before a failure."""
@@ -252,11 +263,15 @@ class _FileTarget(_Target):
 
 class _SyslogTarget(_Target):
     """/dev/log: one datagram per line (the protocol has no batches), sent
-    together once per loop iteration, without waiting when syslog is slow."""
+    together at each flush, without waiting when syslog is slow: what its
+    full queue (net.unix.max_dgram_qlen datagrams) refuses is sent at the
+    next flush, up to MAX_BACKLOG lines; beyond, lines are dropped, counted
+    and noted."""
 
     def __init__(self, sock: socket.socket | None):
         super().__init__()
         self.sock = sock
+        self.fd = sock.fileno() if sock is not None else -1
 
     @classmethod
     def connect(cls) -> _SyslogTarget:
@@ -269,24 +284,31 @@ class _SyslogTarget(_Target):
             return cls(None)  # no syslog: the lines go nowhere, as before
         return cls(sock)
 
-    def write(self, lines: list[str]) -> None:
+    def write(self, lines: list[str]) -> list[str]:
         if self.sock is None:
-            return
-        if self.dropped:
+            return []
+        noted = 1 if self.dropped else 0
+        if noted:
             lines.insert(0, self._note())
         for index, line in enumerate(lines):
             level, text = _parse(line)
             try:
                 self.sock.send(f"<{SYSLOG_PRIORITY.get(level, 30)}>{SYSLOG_IDENT}: "
                                f"{text}".encode("utf-8", "backslashreplace"))
+            except BlockingIOError as err:
+                left = lines[max(index, noted):]
+                if len(left) > MAX_BACKLOG:
+                    self._lost(len(left) - MAX_BACKLOG, err)
+                    left = left[-MAX_BACKLOG:]
+                return left
             except OSError as err:
                 if err.errno in (errno.ECONNREFUSED, errno.ENOTCONN):
                     self._reconnect()
-                noted = 1 if self.dropped and index == 0 else 0
-                self._lost(len(lines) - index - noted, err)
-                return
+                self._lost(len(lines) - max(index, noted), err)
+                return []
             if index == 0:
                 self.dropped = 0
+        return []
 
     def _reconnect(self) -> None:
         """syslogd restarted: its socket is a new one."""

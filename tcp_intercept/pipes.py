@@ -54,7 +54,7 @@ class PipePool:
             except OSError:
                 pass
         self.lent.add(borrower)
-        self._show()
+        self._show()  # count
         return pipe
 
     def give(self, borrower, pipe: tuple[int, int], empty: bool = True) -> None:
@@ -64,7 +64,7 @@ class PipePool:
         else:
             os.close(pipe[0])
             os.close(pipe[1])
-        self._show()
+        self._show()  # count
 
     def reclaim(self, idle_only: bool = True) -> None:
         """Ask every borrower to give its pipe back if it no longer needs it
@@ -85,14 +85,14 @@ class PipePool:
             os.close(r)
             os.close(w)
         self._low = len(self._free)
-        self._show()
+        self._show()  # count
 
     def close(self) -> None:
         while self._free:
             r, w = self._free.pop()
             os.close(r)
             os.close(w)
-        self._show()
+        self._show()  # count
 
     def __len__(self) -> int:
         return len(self._free)

@@ -95,8 +95,8 @@ class Relay:
             except (BlockingIOError, InterruptedError):
                 return
             self.pending = pending[sent:] if sent < len(pending) else None
-            self.moved += sent
-            self.ctr[self.counter] += sent
+            self.moved += sent  # count
+            self.ctr[self.counter] += sent  # count
         else:
             self._drain()
         if self.eof and not self.writing:
@@ -122,8 +122,8 @@ class Relay:
             sent = self.dst.send(_view[:n])
         except (BlockingIOError, InterruptedError):
             sent = 0
-        self.moved += sent
-        self.ctr[self.counter] += sent
+        self.moved += sent  # count
+        self.ctr[self.counter] += sent  # count
         if sent < n:
             self.pending = bytes(_view[sent:n])
 
@@ -156,8 +156,8 @@ class Relay:
             except (BlockingIOError, InterruptedError):
                 return
             self.inpipe -= n
-            self.moved += n
-            self.ctr[self.counter] += n
+            self.moved += n  # count
+            self.ctr[self.counter] += n  # count
             self.full = False
 
     def _end(self) -> bool:

@@ -143,7 +143,7 @@ def _settle(config: Config, logs: Log) -> TimeoutPIDLockFile | None:
 def _drop_privileges(config: Config, logs: Log) -> None:
     """Become --user with only the capabilities still needed (privileges.py)."""
     who = privileges.identity(config.user, config.group) if config.user else None
-    if who is not None and os.geteuid() == 0 and logs.fileno() is not None:
+    if who is not None and os.geteuid() == 0 and logs.path:
         _give_log_file(logs, who)
     try:
         said = privileges.drop(who, privileges.needed(config))
