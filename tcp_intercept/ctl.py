@@ -19,12 +19,12 @@ import time
 DEFAULT_SOCKET = "/run/tcp-intercept/tcp-intercept.sock"
 TIMEOUT = 10.0
 USAGE = f"""\
-Usage: tcp-intercept-ctl [-s PATH] COMMAND...
-Sends COMMAND to tcp-interceptd's control socket and prints the answer.
+Usage: tcp-intercept-ctl [-s path] command...
+Sends the command to tcp-interceptd's control socket and prints the answer.
 
 Options:
   -h --help           Displays this help message and exits
-  -s --socket PATH    The control socket (default {DEFAULT_SOCKET})
+  -s --socket path    The control socket (default {DEFAULT_SOCKET})
 
 Commands: show info, show conns, show metrics, help
 """

@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parent.parent
 MANPAGE = ROOT / "man" / "tcp-interceptd.8"
+CTL_MANPAGE = ROOT / "man" / "tcp-intercept-ctl.8"
 OPTION = re.compile(r"^--?[A-Za-z0-9][\w-]*$")
 
 
@@ -26,9 +29,10 @@ def _options(words: list[str]) -> dict[str, str | None]:
     return {name: rest[0] if rest else None for name in names}
 
 
-def help_options() -> dict[str, str | None]:
-    out = subprocess.run([sys.executable, "-m", "tcp_intercept", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, check=True, timeout=30).stderr
+def help_options(module: str = "tcp_intercept") -> dict[str, str | None]:
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
+                          capture_output=True, text=True, check=True, timeout=30)
+    out = done.stderr or done.stdout
     found: dict[str, str | None] = {}
     for line in out.splitlines():
         if re.match(r"^ {2}-", line):  # "  -p --pid-file file    The file ..."
@@ -43,8 +47,8 @@ def _plain(roff: str) -> str:
     return text.replace("\\-", "-").replace('"', " ").replace(",", " ")
 
 
-def manpage_options() -> dict[str, str | None]:
-    lines = MANPAGE.read_text().splitlines()
+def manpage_options(page: Path = MANPAGE) -> dict[str, str | None]:
+    lines = page.read_text().splitlines()
     start = lines.index(".SH OPTIONS")
     end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(".SH "))
     found: dict[str, str | None] = {}
@@ -65,10 +69,16 @@ def test_manpage_lists_every_option_of_help_and_no_other():
     assert manpage_options() == help_options()
 
 
-def test_manpage_is_of_this_version():
+def test_ctl_manpage_lists_every_option_of_its_help():
+    assert manpage_options(CTL_MANPAGE) == help_options("tcp_intercept.ctl") == {
+        "-h": None, "--help": None, "-s": "path", "--socket": "path"}
+
+
+@pytest.mark.parametrize("page", [MANPAGE, CTL_MANPAGE], ids=lambda p: p.name)
+def test_manpage_is_of_this_version(page):
     from tcp_intercept import __version__
 
-    title = next(line for line in MANPAGE.read_text().splitlines() if line.startswith(".TH "))
+    title = next(line for line in page.read_text().splitlines() if line.startswith(".TH "))
     assert f'"tcp-intercept {__version__}"' in title
 
 
@@ -76,15 +86,17 @@ def test_tcp_intercept_page_is_the_same_page():
     assert (MANPAGE.parent / "tcp-intercept.8").read_text() == ".so man8/tcp-interceptd.8\n"
 
 
-def test_manpage_renders_without_warnings():
+@pytest.mark.parametrize("page", [MANPAGE, CTL_MANPAGE], ids=lambda p: p.name)
+def test_manpage_renders_without_warnings(page):
     assert shutil.which("groff") and shutil.which("man"), "scripts/setup.sh installs groff and man"
-    result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(MANPAGE)],
+    result = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(page)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert result.stderr == ""
-    result = subprocess.run(["man", "--warnings", "-l", str(MANPAGE)],
+    result = subprocess.run(["man", "--warnings", "-l", str(page)],
                             capture_output=True, text=True, timeout=60,
                             env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0
     assert result.stderr == ""
-    assert "--bind-outgoing" in result.stdout.replace("\u2010", "-")
+    assert ("--bind-outgoing" if page == MANPAGE else "--socket") in \
+        result.stdout.replace("\u2010", "-")
