@@ -23,8 +23,9 @@ set -euo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin # Debian's python3, not a pyenv one
 export DEBIAN_FRONTEND=noninteractive
 # On a machine run by systemd, /lib/lsb/init-functions would hand the init
-# script over to systemctl, that is to the host's namespaces.
-export _SYSTEMCTL_SKIP_REDIRECT=1
+# script over to systemctl, that is to the host's namespaces. (Debian 12's
+# hook reads SYSTEMCTL_SKIP_REDIRECT, not _SYSTEMCTL_SKIP_REDIRECT.)
+export SYSTEMCTL_SKIP_REDIRECT=1
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ID=$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
