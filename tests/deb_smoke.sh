@@ -3,17 +3,23 @@
 # Debian 12 (run by .ci/run after scripts/test.sh):
 #
 #   1. build tcp-intercept_*.deb with dpkg-buildpackage from a copy of the
-#      checkout's tracked files (the checkout itself stays clean);
+#      checkout's tracked files (the checkout itself stays clean), and the
+#      same tree as version N+1 (VERSION+test1), to upgrade to;
 #   2. apt-get install it, so that its dependencies come from Debian, with
 #      bind-listen preseeded through debconf;
 #   3. check the binaries (Debian's python3), the man page, the unit file,
 #      and that reconfiguring keeps the settings file's other lines;
 #   4. in a router namespace between a client and a server namespace, run
-#      /etc/init.d/tcp-intercept with BIND_OUTGOING=client and
+#      /etc/init.d/tcp-intercept with BIND_OUTGOING=client, WORKERS=2 and
 #      CONTROL_NETWORK=1 CONTROL_IPTABLES=1: start (tproxy.sh installs the
-#      rules), a connection relayed with the client's address, status,
-#      reload and logrotate (SIGHUP, same pid), a start that fails with the
-#      daemon's own status, stop (rules gone, status 3); then what
+#      rules), a connection relayed with the client's address, the master
+#      and its workers as user tcp-intercept with CAP_NET_ADMIN alone,
+#      show info, status, reload and logrotate (SIGHUP, same pid); the
+#      seamless upgrade: apt-get install N+1 while a transfer is held open
+#      (the postinst runs the init script's upgrade: same master, version
+#      N+1, the transfer intact, the old workers gone once it ended, new
+#      ones serving; traffic.sh); stop (rules gone, status 3), a start
+#      that fails with the daemon's own status; then what
 #      tcp-intercept.service runs (systemd-helper), as systemd is not there;
 #   5. apt-get purge, and check that nothing is left.
 #
@@ -37,6 +43,7 @@ DEFAULTS=/etc/default/tcp-intercept
 TPROXY=/usr/lib/tcp-intercept/tproxy.sh
 PORT=5077 # preseeded: the TPROXY port must follow BIND_LISTEN
 CLIENT=10.77.1.2 ROUTER_C=10.77.1.1 ROUTER_S=10.77.2.1 SERVER=10.77.2.2
+SERVER_PORT=8080
 SERVER_PID='' OUR_POLICY_RC_D='' INSTALLED='' STARTED=''
 T0=$(date +%s)
 
@@ -51,6 +58,7 @@ in_ns() { # namespace command...
 	ip netns exec "$ns" "$@"
 }
 init_script() { timeout 60 ip netns exec "$NS_R" /etc/init.d/tcp-intercept "$@"; }
+on_router() { "$@"; } # for traffic.sh: the daemon's files and /proc are the host's
 # exit_status COMMAND...: print the command's exit status (its stdout discarded).
 exit_status() { if "$@" >/dev/null; then echo 0; else echo $?; fi; }
 # no_rules WHAT: fail unless tproxy.sh in the router says no rules are in (3).
@@ -92,10 +100,11 @@ cleanup() {
 		for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 		kill -KILL "$pid" 2>/dev/null
 	fi
-	if [ -n "$SERVER_PID" ]; then
-		kill "$SERVER_PID" 2>/dev/null
-		wait "$SERVER_PID" 2>/dev/null
-	fi
+	for pid in "${HELD_PIDS[@]}" "$SERVER_PID"; do
+		[ -n "$pid" ] || continue
+		kill "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
 	for ns in "$NS_C" "$NS_R" "$NS_S"; do
 		ip netns del "$ns" 2>/dev/null # its rules and routes go with it
 	done
@@ -129,11 +138,15 @@ fi
 say "installing the build dependencies"
 # shellcheck source=tests/build_deb.sh
 . "$REPO/tests/build_deb.sh"
+# shellcheck source=tests/traffic.sh
+. "$REPO/tests/traffic.sh"
 apt_install "$WORK/apt.log" "${DEB_BUILD_DEPS[@]}" iproute2 iptables nftables logrotate man-db ||
 	fail "installing the build dependencies"
 
-say "building the package"
+say "building the package, and the same tree as version N+1"
 DEB=$(build_deb "$REPO" "$WORK") || fail "building the package"
+NEXT_VERSION=$(dpkg-deb -f "$DEB" Version)+test1
+NEXT_DEB=$(build_deb "$REPO" "$WORK/next" "$NEXT_VERSION") || fail "building version $NEXT_VERSION"
 
 # -- 2. install ---------------------------------------------------------------
 
@@ -193,13 +206,14 @@ grep -qx 'BIND_OUTGOING="\[0.0.0.0\]:\[0\]"' "$DEFAULTS" || fail "no default BIN
 
 # An operator edits the file; reconfiguring must keep every line of it.
 sed -i -e 's/^BIND_OUTGOING=.*/BIND_OUTGOING=client/' -e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' \
-	-e 's/^CONTROL_IPTABLES=.*/CONTROL_IPTABLES=1/' "$DEFAULTS"
+	-e 's/^CONTROL_IPTABLES=.*/CONTROL_IPTABLES=1/' -e 's/^WORKERS=.*/WORKERS=2/' "$DEFAULTS"
 echo '# a line of our own' >>"$DEFAULTS"
 dpkg-reconfigure -f noninteractive tcp-intercept >/dev/null 2>&1 || fail "dpkg-reconfigure"
 host_service_stopped
 grep -qx 'BIND_OUTGOING="client"' "$DEFAULTS" || fail "dpkg-reconfigure lost BIND_OUTGOING=client"
-grep -qx 'CONTROL_NETWORK=1' "$DEFAULTS" && grep -qx '# a line of our own' "$DEFAULTS" ||
-	fail "dpkg-reconfigure changed other lines of $DEFAULTS"
+for line in CONTROL_NETWORK=1 WORKERS=2 '# a line of our own'; do
+	grep -qxF "$line" "$DEFAULTS" || fail "dpkg-reconfigure changed other lines of $DEFAULTS ($line)"
+done
 case $(debconf-show tcp-intercept) in *"bind-outgoing: client"*) ;; *) false ;; esac || fail "debconf did not learn BIND_OUTGOING"
 
 # -- 4. the init script in a router -----------------------------------------
@@ -224,49 +238,11 @@ in_ns "$NS_R" ip link set rs up
 in_ns "$NS_R" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0
 
 # The server answers each connection with the address it saw and the
-# number of bytes it received.
-timeout 120 ip netns exec "$NS_S" /usr/bin/python3 -c '
-import socket, sys
-listener = socket.create_server((sys.argv[1], 8080))
-while True:
-    conn, peer = listener.accept()
-    with conn:
-        conn.settimeout(20)
-        received = 0
-        while chunk := conn.recv(65536):
-            received += len(chunk)
-        conn.sendall(f"{peer[0]}:{peer[1]} {received}\n".encode())
-' "$SERVER" &
+# sha256 of what it received (traffic.sh).
+timeout 300 ip netns exec "$NS_S" /usr/bin/python3 -c "$TRANSFER_SERVER" "$SERVER" "$SERVER_PORT" &
 SERVER_PID=$!
 wait_for 10 "server listening" sh -c \
-	"ip netns exec $NS_S ss -Hltn 'sport = :8080' | grep -q LISTEN"
-
-# connect: prints "client-port seen-address:port bytes".
-connect() {
-	timeout 30 ip netns exec "$NS_C" /usr/bin/python3 -c '
-import socket, sys
-conn = socket.create_connection((sys.argv[1], 8080), timeout=20)
-data = bytes(range(256)) * 4096
-conn.sendall(data)
-conn.shutdown(socket.SHUT_WR)
-reply = b""
-while chunk := conn.recv(4096):
-    reply += chunk
-print(conn.getsockname()[1], reply.decode().strip())
-' "$SERVER"
-}
-
-# The relayed connection: the server saw the client, the bytes arrived, and
-# the daemon logged it (so it did not merely pass through the router).
-check_relayed() {
-	local out port
-	out=$(connect) || fail "the client's connection failed"
-	port=${out%% *}
-	[ "$out" = "$port $CLIENT:$port 1048576" ] ||
-		fail "the server saw '${out#* }', not '$CLIENT:$port 1048576'"
-	wait_for 5 "log line for the connection" \
-		grep -qF "[$CLIENT]:$port-->[$SERVER]:8080: Connection intercepted" "$LOG"
-}
+	"ip netns exec $NS_S ss -Hltn 'sport = :$SERVER_PORT' | grep -q LISTEN"
 
 say "init script: start"
 STARTED=1
@@ -282,7 +258,15 @@ case $rules in
 esac
 
 say "a connection through the router"
-check_relayed
+transfer
+
+say "the master and its workers: user tcp-intercept, CAP_NET_ADMIN alone; show info"
+check_processes "after start" "$pid"
+[ "${#WORKER_PIDS[@]}" = 2 ] || fail "WORKERS=2, but the master has workers ${WORKER_PIDS[*]}"
+if [ "$(info Pid)" != "$pid" ] || [ "$(info Version)" != "$version" ] || [ "$(info Workers)" != 2 ]; then
+	fail "show info does not say Pid: $pid, Version: $version, Workers: 2:
+$(tcp-intercept-ctl -s "$CTL_SOCKET" show info 2>&1)"
+fi
 
 say "init script: status, reload, logrotate"
 init_script status >/dev/null || fail "status: exit status $? while running"
@@ -292,11 +276,38 @@ logrotate -s "$WORK/logrotate.state" -f /etc/logrotate.d/tcp-intercept || fail "
 [ -f "$LOG.1" ] || fail "logrotate: no $LOG.1"
 wait_for 10 "reopened log after logrotate" grep -q "Received SIGHUP, (re)opening this logfile" "$LOG"
 [ "$(our_daemon)" = "$pid" ] || fail "the daemon did not survive SIGHUP as pid $pid"
-check_relayed # and it still relays, into the new log
+transfer # and it still relays, into the new log
 
-say "init script: start again (already running), then stop"
+say "init script: start again (already running)"
 init_script start >/dev/null || fail "start while running: exit status $?"
 [ "$(our_daemon)" = "$pid" ] || fail "start while running replaced the daemon"
+
+say "upgrade in place under a held transfer: apt-get install $(basename "$NEXT_DEB")"
+# The postinst's invoke-rc.d asks policy-rc.d: ours lets the upgrade action
+# through (the init script signals the daemon of the pid file: ours) and
+# nothing else. It is bound over the host's in a mount namespace of apt's
+# own: the host's file is never changed.
+cat >"$WORK/policy-rc.d" <<'EOF'
+#!/bin/sh
+# policy-rc.d [--quiet] SCRIPT ACTION [RUNLEVEL]: 0 allows, 101 forbids.
+while [ "${1#--}" != "$1" ]; do shift; done
+[ "$1" = tcp-intercept ] && [ "$2" = upgrade ] && exit 0
+exit 101
+EOF
+chmod 755 "$WORK/policy-rc.d"
+with_our_policy() {
+	# shellcheck disable=SC2016 # for sh -c
+	unshare --mount --propagation private sh -c 'mount --bind "$0" /usr/sbin/policy-rc.d && exec "$@"' \
+		"$WORK/policy-rc.d" "$@"
+}
+upgrade_started=$(date +%s%N)
+upgrade_under_transfer "$pid" "$NEXT_VERSION" \
+	with_our_policy timeout 300 apt-get install -y -qq -o DPkg::Lock::Timeout=300 "$NEXT_DEB"
+say "upgraded and drained in $((($(date +%s%N) - upgrade_started) / 1000000)) ms"
+[ "$(dpkg-query -W -f='${Version}' tcp-intercept)" = "$NEXT_VERSION" ] || fail "dpkg does not say $NEXT_VERSION is installed"
+[ "$(our_daemon)" = "$pid" ] || fail "the pid file no longer names $pid in $NS_R"
+
+say "init script: stop"
 init_script stop >/dev/null || fail "stop: exit status $?"
 ! kill -0 "$pid" 2>/dev/null || fail "stop: pid $pid still runs"
 [ ! -e "$PIDFILE" ] || fail "stop: $PIDFILE left behind"
@@ -319,7 +330,7 @@ ip netns exec "$NS_R" "$HELPER" daemon 2>"$WORK/unit.err" & # ip and sh exec: $!
 unit=$!
 wait_for 10 "foreground daemon's pid file" our_daemon
 [ "$(our_daemon)" = "$unit" ] || fail "systemd-helper daemon: the pid file is not its own pid (no exec?)"
-check_relayed
+transfer
 kill -TERM "$unit"
 exited() { case $(ps -o stat= -p "$1") in "" | Z*) return 0 ;; *) return 1 ;; esac; }
 wait_for 10 "exit of the foreground daemon on SIGTERM" exited "$unit"
