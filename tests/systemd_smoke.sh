@@ -8,15 +8,21 @@
 #      left it in /var/cache/tcp-intercept-tests (about a minute); build the
 #      .deb (build_deb.sh);
 #   2. namespaces tsd<hex>-c, -r and -s joined by veth, the router
-#      forwarding; boot the container in the router's network namespace;
+#      forwarding; boot the container in the router's network namespace,
+#      its systemd logging every system call its filters deny
+#      (SYSTEMD_LOG_SECCOMP=1: the kernel's audit lines);
 #   3. apt-get install the .deb inside: its postinst enables and starts the
 #      unit (deb-systemd-helper and a real systemctl);
-#   4. with BIND_OUTGOING=client and CONTROL_NETWORK=1: systemctl start
-#      (the unit installs the TPROXY rules), a connection relayed with the
-#      client's own address and its bytes intact; systemctl reload (a log
-#      file moved away is reopened); systemctl stop (rules gone, no daemon
-#      left, no failed unit);
-#   5. print systemd-analyze security's overall exposure of the unit.
+#   4. with BIND_OUTGOING=client, WORKERS=2 and CONTROL_NETWORK=1:
+#      systemctl start (the unit installs the TPROXY rules), a connection
+#      relayed with the client's own address and its bytes intact, MainPID
+#      and its workers as user tcp-intercept with CAP_NET_ADMIN alone
+#      (traffic.sh); systemctl reload (a log file moved away is reopened);
+#      systemctl stop (rules gone, no daemon left, no failed unit);
+#   5. systemd-analyze security's overall exposure of the unit: at most 2.5;
+#   6. no system call denied to the unit's processes (the kernel's log), no
+#      SIGSYS, EPERM or traceback in the unit's journal, no ERROR or
+#      traceback in the daemon's log.
 #
 # Everything it starts is stopped by pid, the container powered off and the
 # namespaces deleted on exit, failed or not. Prints the time of each phase.
@@ -44,6 +50,8 @@ T0=$SECONDS
 . "$REPO/tests/build_deb.sh"
 # shellcheck source=tests/nspawn.sh
 . "$REPO/tests/nspawn.sh"
+# shellcheck source=tests/traffic.sh
+. "$REPO/tests/traffic.sh"
 
 say() { echo "systemd_smoke [$((SECONDS - T0))s]: $*"; }
 fail() {
@@ -78,6 +86,7 @@ in_ct() { nspawn_exec "$CT" timeout 60 "$@"; }
 # apt-get in the container, through the host's network.
 ct_apt() { nspawn_exec_online "$CT" timeout 300 env DEBIAN_FRONTEND=noninteractive apt-get -q "$@"; }
 ct_systemctl() { in_ct systemctl --no-pager "$@"; }
+on_router() { in_ct "$@"; } # for traffic.sh
 exit_status() { if "$@" >/dev/null 2>&1; then echo 0; else echo $?; fi; }
 
 cleanup() {
@@ -91,10 +100,11 @@ cleanup() {
 		in_ct journalctl --no-pager -n 40 -u tcp-intercept >&2
 		in_ct tail -n 30 "$LOG" >&2
 	fi
-	if [ -n "$SERVER_PID" ]; then
-		kill "$SERVER_PID" 2>/dev/null
-		wait "$SERVER_PID" 2>/dev/null
-	fi
+	for pid in "${HELD_PIDS[@]}" "$SERVER_PID"; do
+		[ -n "$pid" ] || continue
+		kill "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
 	nspawn_stop_all || { [ "$status" != 0 ] || status=1; }
 	for ns in "${NAMESPACES[@]}"; do
 		for pid in $(ip netns pids "$ns" 2>/dev/null); do # ours: a client still waiting
@@ -156,8 +166,10 @@ phase "booting the container $CT in $NS_R"
 # --network-namespace-path alone would drop CAP_NET_ADMIN, which TPROXY
 # needs: --private-network keeps it. (ip netns exec NS systemd-nspawn fails:
 # it remounts /sys.)
+# The kernel's clock when the test began, for its log (dmesg) of denied calls.
+UPTIME0=$(cut -d' ' -f1 /proc/uptime)
 nspawn_boot "$CT" --network-namespace-path="/run/netns/$NS_R" --private-network \
-	--bind-ro="$DEB:$CT_DEB" || fail "booting the container"
+	--bind-ro="$DEB:$CT_DEB" --setenv=SYSTEMD_LOG_SECCOMP=1 || fail "booting the container"
 [ "$(ct_systemctl is-system-running)" = running ] || fail "the container's boot is degraded"
 
 # -- 3. the package, installed by apt ----------------------------------------
@@ -174,11 +186,11 @@ ct_systemctl stop tcp-intercept || fail "systemctl stop after the postinst: exit
 
 # -- 4. start, a connection, reload, stop ------------------------------------
 
-phase "systemctl start with BIND_OUTGOING=client CONTROL_NETWORK=1"
+phase "systemctl start with BIND_OUTGOING=client WORKERS=2 CONTROL_NETWORK=1"
 in_ct sed -i -e 's/^BIND_OUTGOING=.*/BIND_OUTGOING=client/' \
-	-e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' "$DEFAULTS"
-[ "$(in_ct grep -cxE 'BIND_OUTGOING=client|CONTROL_NETWORK=1' "$DEFAULTS")" = 2 ] ||
-	fail "could not set BIND_OUTGOING and CONTROL_NETWORK in $DEFAULTS"
+	-e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' -e 's/^WORKERS=.*/WORKERS=2/' "$DEFAULTS"
+[ "$(in_ct grep -cxE 'BIND_OUTGOING=client|CONTROL_NETWORK=1|WORKERS=2' "$DEFAULTS")" = 3 ] ||
+	fail "could not set BIND_OUTGOING, CONTROL_NETWORK and WORKERS in $DEFAULTS"
 ct_systemctl start tcp-intercept || fail "systemctl start: exit status $?"
 wait_for 10 "active tcp-intercept.service" ct_systemctl is-active tcp-intercept
 PORT=$(in_ct sh -c '. /usr/lib/tcp-intercept/service.sh && tcp_intercept_listen_port')
@@ -187,49 +199,21 @@ wait_for 10 "daemon listening on $PORT" sh -c "ip netns exec '$NS_R' ss -Hltn 's
 MAINPID=$(ct_systemctl show -p MainPID --value tcp-intercept)
 [ "$(in_ct cat /proc/"$MAINPID"/comm)" = tcp-interceptd ] || fail "the unit's MainPID $MAINPID is not tcp-interceptd"
 
-phase "a connection from the client, intercepted"
+phase "a connection from the client, intercepted; the daemon's user and capabilities"
 # The server answers each connection with the address it saw and the sha256
-# of what it received; it stops by itself when nothing comes for 5 minutes.
-ip netns exec "$NS_S" python3 -c '
-import hashlib, socket, sys
-listener = socket.create_server((sys.argv[1], int(sys.argv[2])))
-listener.settimeout(300)
-while True:
-    conn, peer = listener.accept()
-    with conn:
-        conn.settimeout(20)
-        digest = hashlib.sha256()
-        while chunk := conn.recv(65536):
-            digest.update(chunk)
-        conn.sendall(f"{peer[0]}:{peer[1]} {digest.hexdigest()}\n".encode())
-' "$SERVER" "$SERVER_PORT" &
+# of what it received (traffic.sh).
+ip netns exec "$NS_S" python3 -c "$TRANSFER_SERVER" "$SERVER" "$SERVER_PORT" &
 SERVER_PID=$! # ip netns exec execs python3
 wait_for 10 "server listening on $SERVER_PORT" sh -c \
 	"ip netns exec '$NS_S' ss -Hltn 'sport = :$SERVER_PORT' | grep -q LISTEN"
-
-# check_intercepted: a megabyte of random bytes from the client to the
-# server; the server saw the client's own address and the same sha256, and
-# the daemon logged the connection.
-check_intercepted() {
-	local out port sent seen received
-	out=$(timeout 30 ip netns exec "$NS_C" python3 -c '
-import hashlib, os, socket, sys
-data = os.urandom(1 << 20)
-conn = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
-conn.sendall(data)
-conn.shutdown(socket.SHUT_WR)
-reply = b""
-while chunk := conn.recv(4096):
-    reply += chunk
-print(conn.getsockname()[1], hashlib.sha256(data).hexdigest(), reply.decode().strip())
-' "$SERVER" "$SERVER_PORT") || fail "the client's connection failed"
-	read -r port sent seen received <<<"$out"
-	[ "$seen" = "$CLIENT:$port" ] || fail "the server saw '$seen', not the client's '$CLIENT:$port'"
-	[ "$received" = "$sent" ] || fail "the server received sha256 $received, the client sent $sent"
-	wait_for 5 "'Connection intercepted' in $LOG for [$CLIENT]:$port" \
-		in_ct grep -qF "[$CLIENT]:$port-->[$SERVER]:$SERVER_PORT: Connection intercepted" "$LOG"
-}
-check_intercepted
+transfer
+check_processes "after start" "$MAINPID"
+[ "${#WORKER_PIDS[@]}" = 2 ] || fail "WORKERS=2, but MainPID $MAINPID has workers ${WORKER_PIDS[*]}"
+VERSION=$(dpkg-deb -f "$DEB" Version)
+if [ "$(info Pid)" != "$MAINPID" ] || [ "$(info Version)" != "$VERSION" ] || [ "$(info Workers)" != 2 ]; then
+	fail "show info does not say Pid: $MAINPID, Version: $VERSION, Workers: 2:
+$(in_ct tcp-intercept-ctl -s "$CTL_SOCKET" show info 2>&1)"
+fi
 
 phase "systemctl reload: the log file reopened"
 in_ct mv "$LOG" "$LOG.1"
@@ -238,7 +222,7 @@ wait_for 10 "new $LOG with 'Received SIGHUP, (re)opening this logfile'" \
 	in_ct grep -qF "Received SIGHUP, (re)opening this logfile" "$LOG"
 [ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] ||
 	fail "reload: the main pid is no longer $MAINPID"
-check_intercepted # and the new file logs the next connection
+transfer # and the new file logs the next connection
 
 kill "$SERVER_PID"
 wait "$SERVER_PID" 2>/dev/null || true
@@ -259,7 +243,34 @@ failed=$(ct_systemctl --failed --no-legend --plain)
 phase "systemd-analyze security"
 exposure=$(in_ct systemd-analyze security --no-pager tcp-intercept.service) ||
 	fail "systemd-analyze security: exit status $?"
-echo "$exposure" | grep -F 'Overall exposure level' || fail "systemd-analyze security printed no overall exposure"
+overall=$(echo "$exposure" | grep -F 'Overall exposure level') || fail "systemd-analyze security printed no overall exposure"
+echo "$overall"
+level=$(echo "$overall" | sed -n 's/.*Overall exposure level for [^:]*: \([0-9][0-9.]*\) .*/\1/p')
+[ -n "$level" ] || fail "no number in: $overall"
+awk -v level="$level" 'BEGIN { exit !(level <= 2.5) }' || fail "the unit's exposure level is $level, above 2.5"
+
+# -- 6. denied system calls, errors -------------------------------------------
+
+phase "denied system calls, errors: the kernel's log, the unit's journal, the daemon's log"
+# SYSTEMD_LOG_SECCOMP=1: a call the unit's filter denies (with EPERM, as
+# SystemCallErrorNumber= says) is an audit line in the kernel's log, with the
+# program: the unit runs python3 (the daemon), sh (systemd-helper) and kill.
+# The kernel's log is the host's (the container's journalctl -k is empty).
+denied=$(dmesg | awk -v since="$UPTIME0" '{ t = $0; sub(/^\[ */, "", t); sub(/\].*/, "", t) }
+	t + 0 >= since + 0 && /type=1326/ && /exe="\/usr\/bin\/(python3[.0-9]*|dash|kill)"/') ||
+	fail "dmesg: exit status $?"
+[ -z "$denied" ] || fail "system calls denied to the unit's processes (see ausyscall or /usr/include/asm/unistd_64.h):
+$denied"
+bad=$(in_ct journalctl --no-pager -k -o cat | grep -E 'type=1326|seccomp|SIGSYS|Bad system call') &&
+	fail "the container's journalctl -k says:
+$bad"
+journal=$(in_ct journalctl --no-pager -u tcp-intercept -o cat) || fail "journalctl -u tcp-intercept: exit status $?"
+bad=$(echo "$journal" | grep -E 'SIGSYS|Bad system call|status=31|seccomp|Operation not permitted|EPERM|Traceback|ERROR|CRITICAL|reception only permitted') &&
+	fail "the unit's journal says:
+$bad"
+bad=$(in_ct cat "$LOG.1" "$LOG" | grep -E ' (ERROR|CRITICAL): |Traceback') &&
+	fail "the daemon's log says:
+$bad"
 
 phase "poweroff"
 nspawn_stop "$CT" || fail "the container did not power off cleanly"
