@@ -6,7 +6,7 @@
 #   1. apt-get install the build dependencies, systemd-container and
 #      debootstrap; debootstrap the container's root unless a previous run
 #      left it in /var/cache/tcp-intercept-tests (about a minute); build the
-#      .deb (build_deb.sh);
+#      .deb, and the same tree as version N+1 (VERSION+test1; build_deb.sh);
 #   2. namespaces tsd<hex>-c, -r and -s joined by veth, the router
 #      forwarding; boot the container in the router's network namespace,
 #      its systemd logging every system call its filters deny
@@ -16,9 +16,13 @@
 #   4. with BIND_OUTGOING=client, WORKERS=2 and CONTROL_NETWORK=1:
 #      systemctl start (the unit installs the TPROXY rules), a connection
 #      relayed with the client's own address and its bytes intact, MainPID
-#      and its workers as user tcp-intercept with CAP_NET_ADMIN alone
-#      (traffic.sh); systemctl reload (a log file moved away is reopened);
-#      systemctl stop (rules gone, no daemon left, no failed unit);
+#      and its workers as user tcp-intercept with CAP_NET_ADMIN alone;
+#      systemctl reload (a log file moved away is reopened); the seamless
+#      upgrade: apt-get install N+1 while a transfer is held open (the
+#      postinst runs the init script's upgrade; traffic.sh checks the
+#      daemon; here: the same MainPID, the unit active or reloading
+#      throughout, never restarted); systemctl stop (rules gone, no daemon
+#      left, no failed unit);
 #   5. systemd-analyze security's overall exposure of the unit: at most 2.5;
 #   6. no system call denied to the unit's processes (the kernel's log), no
 #      SIGSYS, EPERM or traceback in the unit's journal, no ERROR or
@@ -42,7 +46,7 @@ SERVER_PORT=7070
 LOG=/var/log/tcp-intercept/tcp-intercept.log # in the container
 DEFAULTS=/etc/default/tcp-intercept
 TPROXY=/usr/lib/tcp-intercept/tproxy.sh
-SERVER_PID='' NAMESPACES=()
+SERVER_PID='' SAMPLER_PID='' NAMESPACES=()
 PHASE='' PHASE_START=0 PHASE_TIMES=()
 T0=$SECONDS
 
@@ -100,7 +104,7 @@ cleanup() {
 		in_ct journalctl --no-pager -n 40 -u tcp-intercept >&2
 		in_ct tail -n 30 "$LOG" >&2
 	fi
-	for pid in "${HELD_PIDS[@]}" "$SERVER_PID"; do
+	for pid in "${HELD_PIDS[@]}" "$SERVER_PID" "$SAMPLER_PID"; do
 		[ -n "$pid" ] || continue
 		kill "$pid" 2>/dev/null
 		wait "$pid" 2>/dev/null
@@ -137,9 +141,11 @@ apt_install "$WORK/apt.log" "${DEB_BUILD_DEPS[@]}" "${NSPAWN_HOST_PACKAGES[@]}" 
 phase "the container's root ($NSPAWN_ROOT)"
 nspawn_root || fail "no root for the container"
 
-phase "building the package"
+phase "building the package, and the same tree as version N+1"
 DEB=$(build_deb "$REPO" "$WORK") || fail "building the package"
-CT_DEB=/srv/$(basename "$DEB") # bound into the container
+NEXT_VERSION=$(dpkg-deb -f "$DEB" Version)+test1
+NEXT_DEB=$(build_deb "$REPO" "$WORK/next" "$NEXT_VERSION") || fail "building version $NEXT_VERSION"
+CT_DEB=/srv/$(basename "$DEB") CT_NEXT_DEB=/srv/$(basename "$NEXT_DEB") # bound into the container
 
 # -- 2. the world, the container --------------------------------------------
 
@@ -169,7 +175,8 @@ phase "booting the container $CT in $NS_R"
 # The kernel's clock when the test began, for its log (dmesg) of denied calls.
 UPTIME0=$(cut -d' ' -f1 /proc/uptime)
 nspawn_boot "$CT" --network-namespace-path="/run/netns/$NS_R" --private-network \
-	--bind-ro="$DEB:$CT_DEB" --setenv=SYSTEMD_LOG_SECCOMP=1 || fail "booting the container"
+	--bind-ro="$DEB:$CT_DEB" --bind-ro="$NEXT_DEB:$CT_NEXT_DEB" \
+	--setenv=SYSTEMD_LOG_SECCOMP=1 || fail "booting the container"
 [ "$(ct_systemctl is-system-running)" = running ] || fail "the container's boot is degraded"
 
 # -- 3. the package, installed by apt ----------------------------------------
@@ -223,6 +230,35 @@ wait_for 10 "new $LOG with 'Received SIGHUP, (re)opening this logfile'" \
 [ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] ||
 	fail "reload: the main pid is no longer $MAINPID"
 transfer # and the new file logs the next connection
+
+phase "upgrade in place under a held transfer: apt-get install $(basename "$NEXT_DEB")"
+# What systemd says of the unit, every 0.1 s until the old workers are gone.
+sample_unit() {
+	local deadline=$((SECONDS + 120))
+	while [ ! -e "$WORK/sampled" ] && [ "$SECONDS" -lt "$deadline" ]; do
+		# shellcheck disable=SC2016 # for sh -c
+		in_ct sh -c 'echo "$(systemctl is-active tcp-intercept)" \
+			$(systemctl show -p ActiveState,SubState,MainPID,NRestarts tcp-intercept)'
+		sleep 0.1
+	done
+}
+sample_unit >"$WORK/states" 2>&1 &
+SAMPLER_PID=$!
+upgrade_under_transfer "$MAINPID" "$NEXT_VERSION" ct_apt install -y "$CT_NEXT_DEB"
+touch "$WORK/sampled"
+wait "$SAMPLER_PID" || true
+SAMPLER_PID=''
+states=$(cut -d' ' -f1 "$WORK/states" | sort -u | paste -sd' ')
+say "is-active said: $states; $(grep -o 'SubState=[a-z]*' "$WORK/states" | sort -u | paste -sd' ')"
+[ "$(wc -l <"$WORK/states")" -ge 10 ] || fail "the unit's state was sampled $(wc -l <"$WORK/states") times: $(cat "$WORK/states")"
+# Each line: is-active's word, then ActiveState= SubState= MainPID= NRestarts=.
+grep -v -E '^(active|reloading) ' "$WORK/states" >&2 && fail "during the upgrade, systemctl is-active said the above"
+grep -v -E " ActiveState=(active|reloading)( |$)" "$WORK/states" >&2 && fail "during the upgrade, ActiveState was as above"
+grep -v -E " MainPID=$MAINPID( |$)" "$WORK/states" >&2 && fail "during the upgrade, MainPID was not always $MAINPID"
+grep -v -E " NRestarts=0( |$)" "$WORK/states" >&2 && fail "during the upgrade, systemd restarted the unit"
+[ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] || fail "upgrade: MainPID is no longer $MAINPID"
+state=$(ct_systemctl show -p ActiveState,SubState tcp-intercept | paste -sd' ')
+[ "$state" = "ActiveState=active SubState=running" ] || fail "after the upgrade: $state"
 
 kill "$SERVER_PID"
 wait "$SERVER_PID" 2>/dev/null || true
