@@ -23,24 +23,23 @@ import os
 import signal
 import socket
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loguru import logger as log
 
-from . import NAME, __version__, handover, report
+from . import __version__, handover
 from .channel import Channel
 from .config import Config
 from .control import Control, remove_control_socket
-from .counters import FIELDS, PID, WORKER_RESTARTS, Board
+from .counters import PID, WORKER_RESTARTS, Board
 from .daemon import notify
 from .evloop import Loop
 from .logs import Log
+from .status import Status
 from .worker import Worker
 
 STOP_TIMEOUT = 10.0    # seconds workers get to close their connections before KILL
-ANSWER_TIMEOUT = 5.0   # seconds a worker gets to list its connections
 RESPAWN_DELAY = 1.0    # a worker failing to start is replaced after this long
 YOUNG = 1.0            # seconds: twice in a row dying this soon is failing to start
 
@@ -91,12 +90,14 @@ class Master:
         self.started = taken.started if taken else time.time()
         self.upgrading = taken is not None
         self.loop = Loop(on_error=self._on_error)
+        self.status = Status(self)
         self.control = None if sockets.control is None else \
-            Control(self.loop, sockets.control, self)
+            Control(self.loop, sockets.control, self.status)
         self.metrics_endpoint = None
         if sockets.metrics is not None:
             from .metrics import MetricsEndpoint
-            self.metrics_endpoint = MetricsEndpoint(self.loop, sockets.metrics, self.metrics)
+            self.metrics_endpoint = MetricsEndpoint(self.loop, sockets.metrics,
+                                                    self.status.metrics)
         self.workers: dict[int, WorkerHandle] = {}
         self.young_deaths: dict[int, int] = {}  # per worker number, in a row
         self.stopping = False
@@ -163,6 +164,15 @@ class Master:
         try:
             for watcher in self.signals:  # libev: a signal belongs to one loop
                 watcher.stop()
+            # One listening socket per worker (an SO_REUSEPORT group made by
+            # the master) rather than one inherited by all: measured with
+            # bench/variants.py (-w 2, 4 alternating rounds, 2026-12-04), a
+            # shared socket wakes every worker for each connection and all
+            # but one find nothing to accept: 6088 against 6516 conn/s,
+            # 160 against 152 CPU us per connection (system time +7 us).
+            # The kernel hashes connections over the group; the master keeps
+            # every socket open, so a worker's death or an upgrade drops no
+            # connection waiting in a queue (the new worker N takes socket N).
             listener = self.listeners[number - 1]
             keep = {0, 1, 2, channel.fileno(), listener.fileno()}
             if self.logs.fileno() is not None:
@@ -173,7 +183,6 @@ class Master:
                             self.logs)
             return worker.run()
         except BaseException:
-            traceback.print_exc()
             log.opt(exception=True).error("Worker {} failed", number)
             return 70
 
@@ -303,71 +312,14 @@ class Master:
                  "drain their connections", __version__, self.config.workers, len(old))
         notify("READY=1")
 
-    # -- what operators ask (control.py, metrics.py, SIGUSR1) -------------------
-
-    def totals(self) -> list[int]:
-        return self.board.totals()
-
-    def pids(self) -> list[int]:
-        return [os.getpid(), *sorted(self.workers)]
-
-    def workers_serving(self) -> int:
-        return sum(h.state == "serving" for h in self.workers.values())
-
-    def info_lines(self) -> list[str]:
-        processes = [report.Process("master", os.getpid())]
-        for handle in sorted(self.workers.values(), key=lambda h: (h.number, h.pid)):
-            counts = list(self.board.slot(handle.slot)[:len(FIELDS)])
-            processes.append(report.Process(f"worker {handle.number}", handle.pid,
-                                            handle.state, counts))
-        return report.info_lines(name=NAME, version=__version__, options=self.config.describe(),
-                                 uptime=time.time() - self.started, processes=processes,
-                                 totals=self.board.totals())
-
-    def conns(self, done: Callable[[list[str]], None]) -> None:
-        """done(the show conns table) once every worker has listed its
-        connections, or ANSWER_TIMEOUT has passed (then a comment line names
-        the workers that did not answer)."""
-        asked = [h for h in self.workers.values() if not h.channel.closed]
-        lines: list[str] = []
-        waiting = {h.pid for h in asked}
-        timer = self.loop.timer(ANSWER_TIMEOUT)
-
-        def finish() -> None:
-            timer.stop()
-            timer.close()
-            table = report.conns_table(lines)
-            table += [f"# worker {pid} did not answer" for pid in sorted(waiting)]
-            waiting.clear()
-            done(table)
-
-        def answered(pid: int, answer: list[str]) -> None:
-            if pid in waiting:
-                waiting.discard(pid)
-                lines.extend(answer)
-                if not waiting:
-                    finish()
-
-        for handle in asked:
-            handle.conns_waiting.append(lambda answer, pid=handle.pid: answered(pid, answer))
-            handle.channel.send("conns")
-        if not asked:
-            finish()
-        else:
-            timer.start(lambda: waiting and finish())
-
-    def metrics(self) -> bytes:
-        from .metrics import exposition  # prometheus_client: only when asked for
-        return exposition(self, __version__)
-
     # -- signals -------------------------------------------------------------------
 
     # SIGUSR1: show info and show conns, into the log.
     def _on_usr1(self, signum: int) -> None:
         log.info("Received SIGUSR1, writing show info and show conns to the log")
-        for line in self.info_lines():
+        for line in self.status.info_lines():
             log.info("show info: {}", line)
-        self.conns(lambda lines: [log.info("show conns: {}", line) for line in lines])
+        self.status.conns(lambda lines: [log.info("show conns: {}", line) for line in lines])
 
     # SIGINT, SIGTERM: every worker closes its connections; we wait for them.
     def _on_exit_signal(self, signum: int) -> None:

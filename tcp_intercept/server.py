@@ -175,6 +175,11 @@ def _open_sockets(config: Config, sockets: Sockets) -> None:
     except OSError as err:
         raise StartupError(f"Can not listen on {config.listen}: {err.strerror}") from None
     log.info("Listening on {}", config.listen)
+    if config.control or config.metrics:
+        # Now, as root and from the files that started us: not at the first
+        # scrape, after privileges are dropped (the user may not read the
+        # library's directory) or an upgrade of the package replaced them.
+        from . import metrics  # noqa: F401
     if config.control:
         owner = None
         if config.user and os.geteuid() == 0:
@@ -184,7 +189,7 @@ def _open_sockets(config: Config, sockets: Sockets) -> None:
         sockets.control_path = config.control
         sockets.control_file = socket_file_id(config.control)
     if config.metrics:
-        from .metrics import open_metrics_socket  # prometheus_client: only when asked for
+        from .metrics import open_metrics_socket
         sockets.metrics = open_metrics_socket(config.metrics)
         log.info("Serving metrics on http://{}/metrics", config.metrics)
 

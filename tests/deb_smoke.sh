@@ -191,7 +191,7 @@ case $(/usr/sbin/tcp-interceptd -V) in
 esac
 module=$(cd / && /usr/bin/python3 -c 'import tcp_intercept; print(tcp_intercept.__file__)')
 [ "$module" = /usr/lib/python3/dist-packages/tcp_intercept/__init__.py ] || fail "tcp_intercept from $module"
-for page in tcp-interceptd tcp-intercept; do
+for page in tcp-interceptd tcp-intercept tcp-intercept-ctl; do
 	warnings=$(MANWIDTH=80 man --warnings -l /usr/share/man/man8/$page.8.gz 2>&1 >/dev/null) ||
 		fail "man $page: exit status $?"
 	[ -z "$warnings" ] || fail "man $page: $warnings"
