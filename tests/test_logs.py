@@ -124,3 +124,20 @@ def test_a_pipe_gets_whole_lines_of_at_most_pipe_buf(monkeypatch):
         os.close(write_end)
     assert received.decode() == "".join(lines)
     assert len(writes) > 1 and all(len(w) <= 4096 and w.endswith(b"\n") for w in writes)
+
+
+def test_the_fast_path_writes_the_line_stamp_writes(monkeypatch):
+    """Log.info/warning/error inline _stamp(): both make the very same line,
+    in loguru's FORMAT, across a change of second."""
+    written: list[str] = []
+    log = logs.Log(None)
+    monkeypatch.setattr(log, "_added", written.append)
+    for now in (1796380000.0004, 1796380000.9996, 1796380001.5):
+        monkeypatch.setattr(logs, "_now", lambda now=now: now)
+        log.info("i")
+        log.warning("w")
+        log.error("e")
+        assert written[-3:] == [logs._stamp("INFO", "i"), logs._stamp("WARNING", "w"),
+                                logs._stamp("ERROR", "e")]
+        ms = int(round(now % 1, 4) * 1000)
+        assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.{ms:03d} INFO: i\n", written[-3])
