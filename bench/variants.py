@@ -12,6 +12,9 @@ per connection (user and system, master and workers together), Gbit/s and
 CPU-s per GB, each also as a share of the direct path of the same rounds;
 and for variants that log, the cost of one line: their CPU per connection
 less the quiet variant's, divided by the lines written per connection.
+Against the first variant of the preset, the median of the ratios of each
+round (the two measured a minute apart at most) with their spread: the
+machine drifts by tens of percent over a run, so ratios of medians lie.
 
 Presets (what each issue asks to be shown):
   logging   -q, against the package's default logging (-l FILE), and against
@@ -78,27 +81,39 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def measure(variant: Variant | None, profile: Profile, workdir: Path, tag: str) -> dict:
-    """One path in a fresh topology: rate, then one stream c>s."""
-    with Topology(tproxy=variant is not None) as topo:
+def world_for(proxied: bool):
+    """A fresh topology with the echo server (a context manager)."""
+    topo = Topology(tproxy=proxied)
+    topo.__enter__()
+    try:
         tune_client(topo)
         topo.serve(topo.srv, ECHO_PORT, sys.executable, str(ECHO_SERVER), "--port",
                    str(ECHO_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        daemon = None
-        if variant is not None:
-            repo = None
-            if variant.stubbed:
-                repo, _ = stubbed_copy(Path(tempfile.mkdtemp(dir=workdir)))
-            daemon = Daemon(topo, *variant.args, workdir=workdir, name=tag,
-                            log_file=variant.log_file, repo=repo).start()
-        world = World(topo, profile, daemon)
-        found = {"rate": rate(world), "bulk": iperf(world, 1, False)}
-        if daemon is not None:
-            found["bulk"]["daemon_cpu_s_per_gb"] = found["bulk"]["daemon_cpu_s"] / (
-                found["bulk"]["bytes"] / GB)
-            found["lines"] = len(daemon.lines(" INFO: ")) + len(daemon.lines(" WARNING: ")) + \
-                len(daemon.lines(" ERROR: "))
-            found["exit_status"] = daemon.stop()
+    except BaseException:
+        topo.down()
+        raise
+    return topo
+
+
+def measure(topo: Topology, variant: Variant | None, profile: Profile, workdir: Path,
+            tag: str) -> dict:
+    """One path: rate, then one stream c>s, the variant's daemon (if any)
+    started for it and stopped after."""
+    daemon = None
+    if variant is not None:
+        repo = None
+        if variant.stubbed:
+            repo, _ = stubbed_copy(Path(tempfile.mkdtemp(dir=workdir)))
+        daemon = Daemon(topo, *variant.args, workdir=workdir, name=tag,
+                        log_file=variant.log_file, repo=repo).start()
+    world = World(topo, profile, daemon)
+    found = {"rate": rate(world), "bulk": iperf(world, 1, False)}
+    if daemon is not None:
+        found["bulk"]["daemon_cpu_s_per_gb"] = found["bulk"]["daemon_cpu_s"] / (
+            found["bulk"]["bytes"] / GB)
+        found["lines"] = len(daemon.lines(" INFO: ")) + len(daemon.lines(" WARNING: ")) + \
+            len(daemon.lines(" ERROR: "))
+        found["exit_status"] = daemon.stop()
     return found
 
 
@@ -121,16 +136,24 @@ def rate(world: World) -> dict:
 
 
 def run(preset: str, rounds: int, profile: Profile, workdir: Path) -> dict:
+    """Each round: every path (direct, then each variant) in a topology of
+    its own, in an order reversed every other round. (One topology for all
+    the variants of a round was tried: whichever ran second inherited the
+    first's tens of thousands of TIME_WAIT sockets and came out up to 20 %
+    slower.)"""
     variants = PRESETS[preset]
     paths: list[Variant | None] = [None, *variants]
     raw: dict[str, list] = {"direct": [], **{v.name: [] for v in variants}}
     for rnd in range(rounds):
-        order = paths if rnd % 2 == 0 else paths[::-1]
-        for variant in order:
+        for variant in (paths if rnd % 2 == 0 else paths[::-1]):
             name = variant.name if variant else "direct"
             say(f"  {preset} round {rnd + 1}/{rounds}: {name}")
-            raw[name].append(measure(variant, profile, workdir,
-                                     f"{preset}-{rnd}-{paths.index(variant)}"))
+            topo = world_for(variant is not None)
+            try:
+                raw[name].append(measure(topo, variant, profile, workdir,
+                                         f"{preset}-{rnd}-{name.replace(' ', '_')}"))
+            finally:
+                topo.down()
     return {"variants": [v.__dict__ for v in variants], "raw": raw,
             "summary": summarize(variants, raw)}
 
@@ -169,13 +192,19 @@ def summarize(variants: list[Variant], raw: dict) -> dict:
             if quiet:
                 row["us_per_line"] = (row["cpu_us_per_conn"] - quiet["cpu_us_per_conn"]) / \
                     row["lines_per_conn"]
-                row["rate_vs_quiet"] = row["conn_per_s"] / quiet["conn_per_s"]
         summary[variant.name] = row
-    first = summary[variants[0].name]
+    # Against the first variant: the median of the ratios of each round,
+    # where the two ran minutes apart at most, rather than the ratio of the
+    # medians (the machine drifts by tens of percent over a run).
+    first = raw[variants[0].name]
     for variant in variants[1:]:
+        rows = raw[variant.name]
         row = summary[variant.name]
-        row[f"rate_vs_{variants[0].name}"] = row["conn_per_s"] / first["conn_per_s"]
-        row[f"gbps_vs_{variants[0].name}"] = row["gbps"] / first["gbps"]
+        for key, phase, name in (("rate", "rate", "conn_per_s"), ("gbps", "bulk", "gbps"),
+                                  ("cpu", "rate", "cpu_us_per_conn")):
+            ratios = [b[phase][name] / a[phase][name] for a, b in zip(first, rows, strict=True)]
+            row[f"{key}_vs_{variants[0].name}"] = statistics.median(ratios)
+            row[f"{key}_vs_{variants[0].name}_spread"] = [min(ratios), max(ratios)]
     return summary
 
 
@@ -185,11 +214,11 @@ def table(preset: str, summary: dict) -> str:
             ("errors", "errors", "{}"), ("CPU us/conn", "cpu_us_per_conn", "{:.1f}"),
             ("user / sys us", None, None), ("1 stream Gbit/s", "gbps", "{:.2f}"),
             ("x direct", "gbps_vs_direct", "{:.2f}"), ("CPU-s/GB", "cpu_s_per_gb", "{:.3f}"),
-            ("lines/conn", "lines_per_conn", "{:.1f}"), ("us/line", "us_per_line", "{:.2f}"),
-            ("conn/s x -q", "rate_vs_quiet", "{:.2f}")]
+            ("lines/conn", "lines_per_conn", "{:.1f}"), ("us/line", "us_per_line", "{:.2f}")]
     first = names[1]
-    cols += [(f"conn/s x {first}", f"rate_vs_{first}", "{:.3f}"),
-             (f"Gbit/s x {first}", f"gbps_vs_{first}", "{:.3f}")]
+    cols += [(f"conn/s x {first}, per round", f"rate_vs_{first}", "{:.3f}"),
+             (f"Gbit/s x {first}, per round", f"gbps_vs_{first}", "{:.3f}"),
+             (f"CPU/conn x {first}, per round", f"cpu_vs_{first}", "{:.3f}")]
     lines = [f"| {preset} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for title, key, fmt in cols:
         cells = []

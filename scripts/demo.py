@@ -3,9 +3,11 @@
 
 Builds client / router / server network namespaces, installs the TPROXY
 rules in the router, runs tcp-interceptd there in the foreground with
-``-B client``, sends a curl request and a Python transfer from the client
-to servers in the server namespace, shows what the servers saw and what the
-daemon logged, and removes everything again. Needs root; touches nothing
+``-B client``, two workers and a control socket, sends a curl request and a
+Python transfer from the client to servers in the server namespace, shows
+what the servers saw, what the daemon's control socket says while a
+connection is open, and what the daemon logged, and removes everything
+again. Needs root; touches nothing
 outside the namespaces it creates.
 """
 
@@ -95,6 +97,25 @@ def transfer(topo: Topology) -> None:
     say()
 
 
+def inside_view(topo: Topology, daemon: Daemon) -> None:
+    say("5. A connection held open, and what the daemon says about it:")
+    with PeerServer(topo, {"echo": ECHO}), topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"still here")
+        sock.recv(10)
+        for command in ("show conns", "show info"):
+            say(f"   $ tcp-intercept-ctl -s {daemon.control_path} {command}")
+            lines = daemon.ask(command).splitlines()
+            if command == "show info":
+                lines = [line for line in lines if line.split(":")[0] in INFO_SHOWN]
+            for line in lines:
+                say(f"     {line}")
+    say()
+
+
+INFO_SHOWN = ("Version", "Pid", "Workers", "Connections_open", "Connections_accepted",
+              "Closed_clean", "Bytes_c2s", "Bytes_s2c", "Process")
+
+
 def main() -> int:
     if os.geteuid() != 0:
         say("demo.py: run as root: it creates network namespaces and TPROXY rules")
@@ -110,19 +131,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="ti-demo-") as tmp, Topology() as topo:
         workdir = Path(tmp)
         show_topology(topo)
-        daemon = Daemon(topo, "-B", "client", workdir=workdir)
+        daemon = Daemon(topo, "-B", "client", "-w", "2", workdir=workdir, control=True)
         say(f"2. In the router: {' '.join(['tcp-interceptd', *daemon.args])}")
         daemon.start()
-        say(f"   running as pid {daemon.pid}, listening on port {daemon.port}")
+        say(f"   the master is pid {daemon.pid}, its workers {daemon.workers()}; "
+            f"listening on port {daemon.port}")
         say()
         curl(topo, workdir)
         transfer(topo)
+        inside_view(topo, daemon)
         status = daemon.stop()
-        say(f"5. SIGTERM: the daemon exited with status {status}. Everything it logged:")
+        say(f"6. SIGTERM: the daemon exited with status {status}. Everything it logged:")
         for line in daemon.output().splitlines():
             say(f"     {line}")
         say()
-        say("6. Removing the namespaces (and with them every rule and address).")
+        say("7. Removing the namespaces (and with them every rule and address).")
     signal.alarm(0)
     say(f"Done in {time.monotonic() - started:.1f} s.")
     return 0
