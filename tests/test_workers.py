@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import threading
 import time
 
+from .intercept import REPO
 from .peers import ECHO, exchange, payload, read_to_eof, sha256
 from .topology import pid_alive, wait_for
 
@@ -116,3 +118,22 @@ def test_sigterm_to_the_master_stops_every_worker_and_removes_the_pid_file(topo,
     assert not any(pid_alive(pid) for pid in workers)
     assert not daemon.pid_path.exists()
     assert daemon.lines("Received SIGTERM, exiting") and daemon.lines("Exiting cleanly")
+
+
+def test_a_worker_that_cannot_start_fails_the_launch_with_71(topo, start_daemon, tmp_path):
+    """The launcher waits for every worker: one that dies before it serves
+    is the daemon's start-up failure, reported with its reason."""
+    install = tmp_path / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    worker = install / "tcp_intercept" / "worker.py"
+    worker.write_text(worker.read_text().replace(
+        '        """Serve until told to stop; the exit status."""',
+        '        """Serve until told to stop; the exit status."""\n'
+        '        raise RuntimeError("planted: this worker cannot start")'))
+    daemon = start_daemon(foreground=False, pid_file=True, log_file=True, repo=install)
+    assert daemon.launcher_status == 71, daemon.output()
+    assert "Worker 1 exited with status 70 during start-up" in daemon.output()
+    assert "RuntimeError: planted: this worker cannot start" in daemon.output()
+    assert not daemon.pid_path.exists()
+    assert "5000" not in topo.run(topo.rtr, "ss", "-Htln").stdout
