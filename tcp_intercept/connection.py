@@ -243,12 +243,10 @@ class Connection:
 
     def abort(self, how: int = counters.CLOSED_RESET) -> None:
         """Close with a reset on both sides (SO_LINGER 0)."""
-        for sock in (self.client, self.server):
-            if sock is not None and not self.closed:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-                except OSError:
-                    pass
+        if not self.closed:
+            for sock in (self.client, self.server):
+                if sock is not None:
+                    reset_on_close(sock)
         self.close(how)
 
     def close(self, how: int = counters.CLOSED_RESET) -> None:
@@ -296,6 +294,14 @@ class Connection:
         return (self.started, format_sockaddr(self.peer), format_sockaddr(self.dst),
                 self.source, self.state, now - self.started, now - self.active,
                 c2s.moved if c2s else 0, s2c.moved if s2c else 0, ",".join(pipes) or "-")
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """SO_LINGER 0: close() will send a reset, not a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass  # already broken: close() resets or says nothing anyway
 
 
 def _server_socket(family: int, ctx: Context) -> socket.socket:

@@ -16,14 +16,13 @@ import socket
 from loguru import logger as log
 
 from .address import Address, format_sockaddr
-from .connection import LINGER_RESET, Connection, Context
+from .connection import Connection, Context, reset_on_close
 from .evloop import READ
 from .limits import Limits
 from .sockopts import IPPROTO_MPTCP, set_transparent
 
 ACCEPT_BATCH = 64
 BACKOFF = 0.5          # seconds without accept() once descriptors run out
-OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 # Errors that concern only the connection being accepted.
 PER_CONNECTION = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
                   errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
@@ -136,7 +135,8 @@ class Listener:
             self._back_off(err)
             return False
         if self.limits is not None and not self.limits.admit(peer[0], self.ctx.loop.now()):
-            _reset(client)
+            reset_on_close(client)  # refused, not served
+            client.close()
             return True
         Connection(self.ctx, client, peer, dst)
         return True
@@ -179,11 +179,3 @@ class Listener:
         if self.ctx.reserve.restore():
             self.watcher.start(self._on_readable)
 
-
-def _reset(sock) -> None:
-    """Close with a reset (SO_LINGER 0): refused, not served."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()

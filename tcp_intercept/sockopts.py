@@ -92,8 +92,3 @@ def tcp_options(config: Config, congestion: str | None) -> list[tuple[int, int, 
     if congestion:
         opts.append((socket.IPPROTO_TCP, TCP_CONGESTION, congestion.encode()))
     return opts
-
-
-def apply(sock: socket.socket, opts: list[tuple[int, int, object]]) -> None:
-    for level, option, value in opts:
-        sock.setsockopt(level, option, value)
