@@ -50,7 +50,7 @@ PROFILES = {
     # iperf3 s, omit s, rate s, pings, warm-up, idle conns, concurrent conns
     "full": Profile(10, 1, 5, 20000, 1000, 2000, 8000),
     "quick": Profile(5, 1, 3, 5000, 500, 1000, 8000),
-    "smoke": Profile(1, 0, 1, 200, 20, 50, 100),
+    "smoke": Profile(1, 0, 1, 200, 20, 200, 100),
 }
 ROUNDS = {"full": 3, "quick": 1, "smoke": 1}
 ROUND_LIMIT = {"full": 420, "quick": 240, "smoke": 90}  # seconds per round, both paths

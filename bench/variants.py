@@ -2,6 +2,7 @@
 """Daemon variants against each other and the direct path, in one run.
 
     bench/variants.sh logging | counting | workers | all  [--rounds N] [--quick]
+                      [--together]
 
 Each round builds a fresh topology per path (tests/topology.py), the
 direct path and every variant of the preset, in an order that is reversed
@@ -23,6 +24,11 @@ Presets (what each issue asks to be shown):
             against it as it is; quiet, so that only counting differs
   workers   -w 1 against -w 2 (this machine has 2 cores for everything)
 
+--together runs the first two variants of each preset at the same time,
+each in a topology of its own with its own load generator, and reports the
+median of each round's ratio: the drift of the machine (tens of percent
+from one minute to the next) touches both alike, so a few percent show.
+
 Prints a table; writes the raw numbers to bench/results/variants-*.json.
 Needs root. Touches nothing outside its namespaces; bounded in time.
 """
@@ -37,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -158,6 +165,67 @@ def run(preset: str, rounds: int, profile: Profile, workdir: Path) -> dict:
             "summary": summarize(variants, raw)}
 
 
+def together(preset: str, rounds: int, profile: Profile, workdir: Path) -> dict:
+    """The preset's first two variants at the same time, each in a topology
+    of its own with its own load: in the same seconds the machine's drift
+    touches both alike, and the one that costs less per connection makes
+    more of them. Each round: the rate phase in both at once, then one
+    iperf3 stream in both at once; which topology is built first alternates.
+    Reported: the medians of each round's ratio, second to first."""
+    first, second = PRESETS[preset][:2]
+    raw: dict[str, list] = {first.name: [], second.name: []}
+    for rnd in range(rounds):
+        pair = (first, second) if rnd % 2 == 0 else (second, first)
+        say(f"  {preset} together, round {rnd + 1}/{rounds}")
+        topos = []
+        try:
+            worlds = []
+            for variant in pair:
+                topos.append(world_for(True))
+                repo = stubbed_copy(Path(tempfile.mkdtemp(dir=workdir)))[0] \
+                    if variant.stubbed else None
+                daemon = Daemon(topos[-1], *variant.args, workdir=workdir, repo=repo,
+                                name=f"{preset}-t{rnd}-{variant.name.replace(' ', '_')}",
+                                log_file=variant.log_file).start()
+                worlds.append(World(topos[-1], profile, daemon))
+            rates = _at_once([lambda w=w: rate(w) for w in worlds])
+            bulks = _at_once([lambda w=w: iperf(w, 1, False) for w in worlds])
+            for variant, world, found, bulk in zip(pair, worlds, rates, bulks, strict=True):
+                raw[variant.name].append({"rate": found, "bulk": bulk})
+                world.daemon.stop()
+        finally:
+            for topo in topos:
+                topo.down()
+    summary = {}
+    for key, phase, name in (("rate", "rate", "conn_per_s"), ("gbps", "bulk", "gbps"),
+                             ("cpu", "rate", "cpu_us_per_conn")):
+        ratios = [b[phase][name] / a[phase][name]
+                  for a, b in zip(raw[first.name], raw[second.name], strict=True)]
+        summary[key] = {"median": statistics.median(ratios), "spread": [min(ratios), max(ratios)]}
+    return {"variants": [first.name, second.name], "raw": raw, "together": summary}
+
+
+def _at_once(jobs: list) -> list:
+    """Run the jobs in threads at the same time; their results, in order."""
+    results: list = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = jobs[index]()
+        except BaseException as err:  # raised below, in the caller
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def _median(rows: list[dict], *keys: str) -> float | None:
     values = []
     for row in rows:
@@ -241,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="short phases")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--together", action="store_true",
+                        help="the first two variants of each preset at the same time, "
+                        "each with its own topology and load: ratios per round")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         say("bench/variants.py: run as root")
@@ -258,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="ti-variants-") as tmp:
         for preset in presets:
-            results[preset] = run(preset, args.rounds, profile, Path(tmp))
+            measure_preset = together if args.together else run
+            results[preset] = measure_preset(preset, args.rounds, profile, Path(tmp))
     signal.alarm(0)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"variants-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -270,7 +342,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "seconds": round(time.time() - started.timestamp(), 1),
                                 "results": results}, indent=1))
     for preset, result in results.items():
-        print(table(preset, result["summary"]))
+        if args.together:
+            first, second = result["variants"]
+            print(f"{preset}, together: {second} / {first}, per round, median [spread]")
+            for key, title in (("rate", "conn/s"), ("gbps", "1 stream Gbit/s"),
+                               ("cpu", "CPU per connection")):
+                found = result["together"][key]
+                print(f"  {title:20s} {found['median']:.3f}  "
+                      f"[{found['spread'][0]:.3f} - {found['spread'][1]:.3f}]")
+        else:
+            print(table(preset, result["summary"]))
         print()
     print(f"{args.rounds} rounds, medians; raw numbers in {path}")
     return 0

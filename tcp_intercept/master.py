@@ -265,6 +265,9 @@ class Master:
             log.warning("Received SIGUSR2, but an upgrade is still under way: ignored")
             return
         log.info("Received SIGUSR2, upgrading: checking {}", " ".join(self.command))
+        # The check holds the master (never the workers, which relay on) for
+        # as long as the installed program takes to start: a fraction of a
+        # second, 30 s at most.
         why = handover.check(self.command)
         if why is not None:
             log.error("Upgrade aborted, this program goes on: the installed one would not "
