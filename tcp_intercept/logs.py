@@ -148,7 +148,11 @@ class Log:
         self._size += len(line)
         if self._size >= FLUSH_SIZE or self._flusher is None:
             self.flush()
-        elif not self._pending:
+        else:
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        if not self._pending:
             self._pending = True
             self._flusher.start(self._on_timer)
 
@@ -172,9 +176,8 @@ class Log:
             # What a slow syslog could not take yet waits for the next flush
             # (not counted in _size: it must not make every line flush).
             self._lines = self._target.write(lines)
-            if self._lines and self._flusher is not None and not self._pending:
-                self._pending = True
-                self._flusher.start(self._on_timer)
+            if self._lines and self._flusher is not None:
+                self._flush_later()
 
 
 def _adder(level: str):

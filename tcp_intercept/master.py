@@ -154,10 +154,14 @@ class Master:
         gc.unfreeze()
         theirs.close()
         self.board.slot(slot)[PID] = pid
-        handle = WorkerHandle(pid, number, slot, started=self.loop.now())
-        handle.channel = Channel(self.loop, ours, lambda line: self._on_line(handle, line),
+        self._watch(WorkerHandle(pid, number, slot, started=self.loop.now()), ours)
+
+    def _watch(self, handle: WorkerHandle, channel: socket.socket) -> None:
+        """Count handle among the workers and listen to its channel (its end
+        is learnt from SIGCHLD, not from the channel)."""
+        handle.channel = Channel(self.loop, channel, lambda line: self._on_line(handle, line),
                                  lambda: None)
-        self.workers[pid] = handle
+        self.workers[handle.pid] = handle
 
     def _become_worker(self, number: int, slot: int, channel: socket.socket) -> int:
         """In the forked child: drop everything of the master's, serve, exit."""
@@ -198,7 +202,7 @@ class Master:
                 handle.conns_waiting.pop(0)(lines)
 
     def _check_ready(self) -> None:
-        if sum(h.state == "serving" for h in self.workers.values()) < self.config.workers:
+        if self.status.workers_serving() < self.config.workers:
             return
         if self.upgrading:
             self._upgraded()
@@ -296,12 +300,9 @@ class Master:
     def _adopt(self, old: list[handover.OldWorker]) -> None:
         """The workers of the program we replaced: they serve until ours do."""
         for worker in old:
-            handle = WorkerHandle(worker.pid, worker.number, worker.slot, state="old",
-                                  started=self.loop.now())
-            handle.channel = Channel(self.loop, handover.adopt(worker.channel),
-                                     lambda line, h=handle: self._on_line(h, line),
-                                     lambda: None)
-            self.workers[worker.pid] = handle
+            self._watch(WorkerHandle(worker.pid, worker.number, worker.slot, state="old",
+                                     started=self.loop.now()),
+                        handover.adopt(worker.channel))
         self._on_child(signal.SIGCHLD)  # any that exited during the exec
 
     def _upgraded(self) -> None:
