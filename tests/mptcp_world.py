@@ -255,6 +255,10 @@ def _drain(conn: socket.socket, peer: tuple, out: threading.Lock) -> None:
             paths.update(subflow_addrs(conn))
             next_look = now + 0.1
     seconds = time.monotonic() - first if first else 0.0
+    # Once more at EOF: a short transfer may end before a subflow that
+    # joined after the first look is seen by the 0.1 s sampling.
+    subflows = max(subflows, subflow_count(conn))
+    paths.update(subflow_addrs(conn))
     conn.close()
     report = {"peer": list(peer[:2]), "received": received, "seconds": seconds,
               "subflows": subflows, "paths": sorted(paths)}
