@@ -288,11 +288,12 @@ class Connection:
 
     def snapshot(self, now: float) -> tuple:
         """(started, client, destination, source, state, age s, idle s,
-        bytes C>S, bytes S>C, which relays hold a pipe)."""
+        bytes C>S, bytes S>C, which relays hold a pipe); now may be a
+        little older than the last event (a listing in slices)."""
         c2s, s2c = self.c2s, self.s2c
         pipes = [r.name for r in (c2s, s2c) if r is not None and r.pipe is not None]
         return (self.started, format_sockaddr(self.peer), format_sockaddr(self.dst),
-                self.source, self.state, now - self.started, now - self.active,
+                self.source, self.state, now - self.started, max(now - self.active, 0.0),
                 c2s.moved if c2s else 0, s2c.moved if s2c else 0, ",".join(pipes) or "-")
 
 

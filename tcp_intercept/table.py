@@ -7,7 +7,7 @@ walks the connections oldest first at shutdown.
 
 from __future__ import annotations
 
-from itertools import count
+from itertools import count, islice
 
 from sortedcontainers import SortedDict
 
@@ -32,6 +32,17 @@ class ConnectionTable:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def newest(self) -> int:
+        """The key of the newest connection; -1 when there is none."""
+        return self._live.peekitem(-1)[0] if self._live else -1
+
+    def page(self, start: int, stop: int, size: int) -> tuple[list, int | None]:
+        """Up to size connections keyed from start to stop, oldest first, and
+        the key to go on from (None: that was the last of them)."""
+        keys = list(islice(self._live.irange(start, stop), size + 1))
+        more = keys.pop() if len(keys) > size else None
+        return [self._live[key] for key in keys], more
 
     def connections(self) -> list:
         """Oldest first; a copy, so closing them while iterating is safe."""

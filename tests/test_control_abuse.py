@@ -1,16 +1,20 @@
 """Operators' tools gone wrong: clients of the control socket and of the
 metrics endpoint that stay silent, send garbage or a 10 MB line, or never
 read, while a transfer through the daemon completes intact and on time and
-the control socket still answers."""
+the control socket still answers; a long table asked for by several
+clients at once."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tcp_intercept.worker import CONNS_SLICE
 
 from .peers import ECHO, exchange, payload, sha256
-from .topology import inside
+from .topology import inside, wait_for
 
 
 def unix_client(path) -> socket.socket:
@@ -87,3 +91,28 @@ def test_abusive_operators_slow_nothing_down(topo, peers, start_daemon):
     assert daemon.alive()
     # That silent clients go after the timeout (10 s here) is shown by
     # test_request_server.py with a short one.
+
+
+def test_a_long_table_is_listed_whole_to_several_askers_at_once(topo, peers, start_daemon):
+    """More connections than a worker lists per loop iteration, asked for by
+    three clients at the same time: every answer lists each connection once,
+    oldest first."""
+    daemon = start_daemon(control=True)
+    count = 2 * CONNS_SLICE + 17  # under 1024 descriptors in this process, servers included
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(topo.connect(topo.cli, topo.SERVER4, ECHO))
+        wait_for(lambda: daemon.info()["Connections_open"] == str(count), 20,
+                 f"{count} connections open")
+        clients = ["[{}]:{}".format(*sock.getsockname()) for sock in socks]
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(daemon.ask, ["show conns"] * 3))
+        for answer in answers:
+            _, *rows = answer.splitlines()
+            assert sorted(row.split()[1] for row in rows) == sorted(clients)
+            ages = [float(row.split()[5]) for row in rows]
+            assert ages == sorted(ages, reverse=True)
+    finally:
+        for sock in socks:
+            sock.close()
