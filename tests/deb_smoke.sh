@@ -18,8 +18,10 @@
 #      seamless upgrade: apt-get install N+1 while a transfer is held open
 #      (the postinst runs the init script's upgrade: same master, version
 #      N+1, the transfer intact, the old workers gone once it ended, new
-#      ones serving; traffic.sh); stop (rules gone, status 3), a start
-#      that fails with the daemon's own status; then what
+#      ones serving; traffic.sh); dpkg-reconfigure in the router (the same
+#      answers: the daemon goes on; a new listening port: it restarts on
+#      that port, the rules follow, it relays); stop (rules gone, status
+#      3), a start that fails with the daemon's own status; then what
 #      tcp-intercept.service runs (systemd-helper), as systemd is not there;
 #   5. apt-get purge, and check that nothing is left.
 #
@@ -283,15 +285,17 @@ init_script start >/dev/null || fail "start while running: exit status $?"
 [ "$(our_daemon)" = "$pid" ] || fail "start while running replaced the daemon"
 
 say "upgrade in place under a held transfer: apt-get install $(basename "$NEXT_DEB")"
-# The postinst's invoke-rc.d asks policy-rc.d: ours lets the upgrade action
-# through (the init script signals the daemon of the pid file: ours) and
+# The postinst's invoke-rc.d asks policy-rc.d: ours lets the upgrade and
+# restart actions through (the upgrade signals the daemon of the pid file:
+# ours; the restart runs where dpkg-reconfigure runs: in the router) and
 # nothing else. It is bound over the host's in a mount namespace of apt's
 # own: the host's file is never changed.
 cat >"$WORK/policy-rc.d" <<'EOF'
 #!/bin/sh
 # policy-rc.d [--quiet] SCRIPT ACTION [RUNLEVEL]: 0 allows, 101 forbids.
 while [ "${1#--}" != "$1" ]; do shift; done
-[ "$1" = tcp-intercept ] && [ "$2" = upgrade ] && exit 0
+# "(restart)": a restart where invoke-rc.d finds no runlevel (no init here).
+[ "$1" = tcp-intercept ] && case $2 in upgrade | restart | "(restart)") exit 0 ;; esac
 exit 101
 EOF
 chmod 755 "$WORK/policy-rc.d"
@@ -306,6 +310,46 @@ upgrade_under_transfer "$pid" "$NEXT_VERSION" \
 say "upgraded and drained in $((($(date +%s%N) - upgrade_started) / 1000000)) ms"
 [ "$(dpkg-query -W -f='${Version}' tcp-intercept)" = "$NEXT_VERSION" ] || fail "dpkg does not say $NEXT_VERSION is installed"
 [ "$(our_daemon)" = "$pid" ] || fail "the pid file no longer names $pid in $NS_R"
+
+say "dpkg-reconfigure, answers unchanged: the daemon goes on"
+# reconfigure EDITOR: dpkg-reconfigure in the router, the questions answered
+# by EDITOR through debconf's editor frontend (which wants a terminal:
+# script(1) gives it one).
+reconfigure() {
+	with_our_policy ip netns exec "$NS_R" env -u DEBIAN_FRONTEND EDITOR="$1" timeout 120 \
+		script -qec "dpkg-reconfigure -f editor -p medium tcp-intercept" /dev/null \
+		</dev/null >"$WORK/reconfigure.log" 2>&1 || { cat "$WORK/reconfigure.log" >&2; return 1; }
+}
+printf '#!/bin/sh\n' >"$WORK/keep-answers"
+NEW_PORT=$((PORT + 1))
+cat >"$WORK/new-port" <<EOF
+#!/bin/sh
+# The editor frontend's file holds the answers as lines QUESTION="VALUE".
+sed -i 's|^tcp-intercept/bind-listen=.*|tcp-intercept/bind-listen="[0.0.0.0]:[$NEW_PORT]"|' "\$1"
+EOF
+chmod 755 "$WORK/keep-answers" "$WORK/new-port"
+reconfigure "$WORK/keep-answers" || fail "dpkg-reconfigure (answers unchanged)"
+[ "$(our_daemon)" = "$pid" ] || fail "dpkg-reconfigure with the same answers replaced the daemon"
+
+say "dpkg-reconfigure, a new listening port: the daemon restarts on it, rules follow"
+reconfigure "$WORK/new-port" || fail "dpkg-reconfigure (port $NEW_PORT)"
+grep -qx "BIND_LISTEN=\"\[0.0.0.0\]:\[$NEW_PORT\]\"" "$DEFAULTS" || fail "dpkg-reconfigure did not write port $NEW_PORT"
+new_pid=$(our_daemon) || fail "no daemon after dpkg-reconfigure changed the port"
+[ "$new_pid" != "$pid" ] || fail "a new listening port, but the daemon was not restarted"
+! kill -0 "$pid" 2>/dev/null || fail "the daemon before the restart ($pid) still runs"
+pid=$new_pid
+in_ns "$NS_R" ss -Hltn "sport = :$NEW_PORT" | grep -q LISTEN || fail "nothing listens on $NEW_PORT after the restart"
+! in_ns "$NS_R" ss -Hltn "sport = :$PORT" | grep -q LISTEN || fail "port $PORT still listens after the restart"
+rules=$(in_ns "$NS_R" iptables-save 2>/dev/null; in_ns "$NS_R" nft list ruleset 2>/dev/null || true)
+case $rules in
+	*"--on-port $NEW_PORT "* | *"tproxy to :$NEW_PORT "*) ;;
+	*) fail "after the restart, no TPROXY rule to port $NEW_PORT" ;;
+esac
+case $rules in
+	*"--on-port $PORT "* | *"tproxy to :$PORT "*) fail "after the restart, a TPROXY rule to the old port $PORT is left" ;;
+esac
+transfer
+check_processes "after the restart" "$pid"
 
 say "init script: stop"
 init_script stop >/dev/null || fail "stop: exit status $?"
