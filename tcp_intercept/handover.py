@@ -2,11 +2,13 @@
 place, handing it what it holds, and the new code goes on from there.
 
 The promise, in order:
-  1. check()    the installed program is run once with the same command line
+  1. Check      the installed program is run once with the same command line
                 and CHECK_ENV set: it imports everything and parses the
                 options, binds nothing, exits 0. If it fails (a broken
-                install, an import error, an option it no longer takes), the
-                old master and workers carry on and the log says why.
+                install, an import error, an option it no longer takes, or
+                no answer within CHECK_TIMEOUT), the old master and workers
+                carry on and the log says why. The master's loop runs on
+                meanwhile.
   2. exec_new() the descriptors below are made inheritable and named in
                 HANDOVER_ENV (JSON); signals are blocked across the exec (a
                 HUP or TERM waits for the new master's handlers instead of
@@ -36,6 +38,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 HANDOVER_ENV = "TCP_INTERCEPT_HANDOVER"
@@ -82,20 +86,52 @@ def program(argv: list[str] | None = None) -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-def check(command: list[str]) -> str | None:
-    """Step 1: None if the installed program would start, else why not."""
-    try:
-        done = subprocess.run(command, env={**os.environ, CHECK_ENV: "1"},
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=CHECK_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return str(err)
-    if done.returncode == 0:
-        return None
-    lines = (done.stderr or done.stdout).strip().splitlines() or [""]
-    # A traceback ends with what went wrong; a usage error starts with it.
-    said = lines[-1] if lines[0].startswith("Traceback") else lines[0]
-    return f"exit status {done.returncode}: {said}"
+class Check:
+    """Step 1, beside the master's loop (which goes on answering operators
+    and replacing workers): the installed program is started at once;
+    done() says when it has finished, why_not what went wrong (None: it
+    would start). A check that outlives CHECK_TIMEOUT is killed."""
+
+    def __init__(self, command: list[str]):
+        self.why_not: str | None = None
+        self._deadline = time.monotonic() + CHECK_TIMEOUT
+        self._output = tempfile.TemporaryFile()
+        try:
+            self._process: subprocess.Popen | None = subprocess.Popen(
+                command, env={**os.environ, CHECK_ENV: "1"}, stdin=subprocess.DEVNULL,
+                stdout=self._output, stderr=self._output)
+        except OSError as err:
+            self._process = None
+            self.why_not = str(err)
+            self._output.close()
+
+    def done(self) -> bool:
+        if self._process is None:
+            return True
+        status = self._process.poll()
+        if status is None:
+            if time.monotonic() < self._deadline:
+                return False
+            self.cancel()
+            self.why_not = f"it did not finish within {CHECK_TIMEOUT:.0f} s"
+            return True
+        if status != 0:
+            self._output.seek(0)
+            lines = self._output.read().decode(errors="replace").strip().splitlines() or [""]
+            # A traceback ends with what went wrong; a usage error starts with it.
+            said = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+            self.why_not = f"exit status {status}: {said}"
+        self._process = None
+        self._output.close()
+        return True
+
+    def cancel(self) -> None:
+        """Kill the check if it still runs (the master is stopping)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+            self._output.close()
 
 
 def exec_new(command: list[str], handover: Handover) -> OSError:

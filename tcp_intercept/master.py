@@ -42,6 +42,7 @@ from .worker import Worker
 STOP_TIMEOUT = 10.0    # seconds workers get to close their connections before KILL
 RESPAWN_DELAY = 1.0    # a worker failing to start is replaced after this long
 YOUNG = 1.0            # seconds: twice in a row dying this soon is failing to start
+CHECK_POLL = 0.05      # seconds between looks at an upgrade's check
 
 
 @dataclass(eq=False)
@@ -104,6 +105,8 @@ class Master:
         self.on_ready: Callable[[int, str], None] | None = None
         self.respawn = self.loop.timer(RESPAWN_DELAY, RESPAWN_DELAY)
         self.stop_timer = self.loop.timer(STOP_TIMEOUT)
+        self.check: handover.Check | None = None  # SIGUSR2's check, while it runs
+        self.check_timer = self.loop.timer(CHECK_POLL, CHECK_POLL)
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
                                 (signal.SIGTERM, self._on_exit_signal),
@@ -265,14 +268,20 @@ class Master:
 
     # SIGUSR2: exec the installed program in place, handing it everything.
     def _on_usr2(self, signum: int) -> None:
-        if self.upgrading:
-            log.warning("Received SIGUSR2, but an upgrade is still under way: ignored")
+        if self.upgrading or self.check is not None or self.stopping:
+            log.warning("Received SIGUSR2, but {}: ignored",
+                        "the daemon is stopping" if self.stopping else
+                        "an upgrade is still under way")
             return
         log.info("Received SIGUSR2, upgrading: checking {}", " ".join(self.command))
-        # The check holds the master (never the workers, which relay on) for
-        # as long as the installed program takes to start: a fraction of a
-        # second, 30 s at most.
-        why = handover.check(self.command)
+        self.check = handover.Check(self.command)
+        self.check_timer.start(self._on_check)
+
+    def _on_check(self) -> None:
+        if not self.check.done():
+            return
+        self.check_timer.stop()
+        why, self.check = self.check.why_not, None
         if why is not None:
             log.error("Upgrade aborted, this program goes on: the installed one would not "
                       "start: {}", why)
@@ -335,6 +344,10 @@ class Master:
             return
         self.stopping = True
         self.respawn.stop()
+        if self.check is not None:
+            self.check.cancel()
+            self.check = None
+            self.check_timer.stop()
         for handle in self.workers.values():
             handle.state = "stopping"
             _kill(handle.pid, signal.SIGTERM)
@@ -362,7 +375,7 @@ class Master:
         log.opt(exception=err).error("Unexpected error in {}", context)
 
     def _close(self) -> None:
-        for watcher in (*self.signals, self.respawn, self.stop_timer):
+        for watcher in (*self.signals, self.respawn, self.stop_timer, self.check_timer):
             watcher.stop()
             watcher.close()
         for server in (self.control, self.metrics_endpoint):

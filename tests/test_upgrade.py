@@ -132,3 +132,33 @@ def test_a_broken_install_leaves_the_old_daemon_serving(topo, peers, start_daemo
         sock.sendall(b"still here")
         assert sock.recv(10, socket.MSG_WAITALL) == b"still here"
     assert daemon.info()["Workers"] == "2"
+
+
+def test_a_slow_check_holds_up_nothing(topo, peers, start_daemon, tmp_path):
+    """While the installed program takes 3 s to start in check mode, the
+    master answers the control socket and replaces a killed worker at once;
+    then the upgrade goes on."""
+    install = tmp_path / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
+    workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    with open(install / "tcp_intercept" / "worker.py", "a") as module:
+        module.write("\nimport time as _time\n"
+                     "if os.environ.get('TCP_INTERCEPT_UPGRADE_CHECK'):\n"
+                     "    _time.sleep(3)\n")
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGUSR2)
+    daemon.wait_log("Received SIGUSR2, upgrading")
+    asked = time.monotonic()
+    assert daemon.info()["Workers"] == "2"
+    assert time.monotonic() - asked < 1
+    os.kill(workers[0], signal.SIGKILL)
+    daemon.wait_log("Worker 1 (pid", timeout=2)
+    wait_for(lambda: daemon.info()["Worker_restarts"] == "1", 1, "worker 1 replaced")
+    assert not daemon.lines("The installed program starts")  # all of it during the check
+    upgraded(daemon)
+    assert time.monotonic() - signalled >= 3
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"upgraded")
+        assert sock.recv(8, socket.MSG_WAITALL) == b"upgraded"
