@@ -38,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -95,7 +94,8 @@ class Check:
     def __init__(self, command: list[str]):
         self.why_not: str | None = None
         self._deadline = time.monotonic() + CHECK_TIMEOUT
-        self._output = tempfile.TemporaryFile()
+        # What it says, in memory: no file system needs to be writable.
+        self._output = open(os.memfd_create("upgrade-check"), "w+b")
         try:
             self._process: subprocess.Popen | None = subprocess.Popen(
                 command, env={**os.environ, CHECK_ENV: "1"}, stdin=subprocess.DEVNULL,
