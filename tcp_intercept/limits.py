@@ -12,6 +12,12 @@ listeners spread connections by client address (steering.py), so one
 worker sees all of a client's connections and its count is exact. A
 refusal is logged at most once per second per address, with how many were
 refused since the last such line.
+
+Across an upgrade the old worker N drains while the new worker N serves
+the same listening socket: the old one's connections go on counting
+against both limits in the new one (inherit(), forget(); the master passes
+them on), so the limits hold through the hand-over, but for the moment
+between the new workers' start and the old ones' drain.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ def share(total: int, workers: int, number: int) -> int:
 
 class Limits:
     __slots__ = ("ctr", "max_connections", "max_per_client", "per_client", "refused",
-                 "logged", "full")
+                 "logged", "full", "inherited", "inherited_from")
 
     def __init__(self, ctr: memoryview, max_connections: int | None,
                  max_per_client: int | None):
@@ -42,9 +48,12 @@ class Limits:
         self.refused: dict[str, int] = {}    # refusals not logged yet, per address
         self.logged: dict[str, float] = {}   # when an address was last logged
         self.full = False                    # at max_connections, not accepting
+        self.inherited = 0                   # open in the worker this one succeeds
+        self.inherited_from: dict[str, int] = {}  # the same, per address
 
     def reached(self, open_now: int) -> bool:
         """Whether this worker must stop accepting; says so once per stop."""
+        open_now += self.inherited
         if self.max_connections is None or open_now < self.max_connections:
             return False
         if not self.full:
@@ -56,6 +65,7 @@ class Limits:
 
     def room_again(self, open_now: int) -> bool:
         """After a close: whether accepting may resume (and says so)."""
+        open_now += self.inherited
         if self.full and open_now < self.max_connections:
             self.full = False
             log.info("Accepting connections again ({} open here)", open_now)
@@ -67,7 +77,7 @@ class Limits:
         if self.max_per_client is None:
             return True
         held = self.per_client.get(address, 0)
-        if held < self.max_per_client:
+        if held + self.inherited_from.get(address, 0) < self.max_per_client:
             self.per_client[address] = held + 1
             return True
         self.ctr[counters.LIMITED_MAX_PER_CLIENT] += 1
@@ -85,6 +95,22 @@ class Limits:
             self.per_client[address] = held
         else:
             del self.per_client[address]
+
+    def inherit(self, address: str, count: int) -> None:
+        """count connections from address, held by the worker this one
+        succeeds: they count here until forget()."""
+        self.inherited += count
+        self.inherited_from[address] = self.inherited_from.get(address, 0) + count
+
+    def forget(self, address: str, count: int) -> None:
+        """count of those inherited connections from address closed."""
+        held = self.inherited_from.get(address, 0)
+        count = min(count, held)
+        self.inherited -= count
+        if held > count:
+            self.inherited_from[address] = held - count
+        else:
+            self.inherited_from.pop(address, None)
 
     def _say(self, address: str, now: float) -> None:
         count = self.refused.pop(address)

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class WorkerHandle:
     started: float = 0.0
     conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
     conns_lines: list = field(default_factory=list)
+    # Draining, with limits: its connections per client address, which
+    # count against the limits of the worker now serving its number.
+    held: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -157,7 +161,12 @@ class Master:
         gc.unfreeze()
         theirs.close()
         self.board.slot(slot)[PID] = pid
-        self._watch(WorkerHandle(pid, number, slot, started=self.loop.now()), ours)
+        handle = WorkerHandle(pid, number, slot, started=self.loop.now())
+        self._watch(handle, ours)
+        for old in self.workers.values():
+            if old.number == number and old.held:
+                handle.channel.send(*(f"held {address} {count}"
+                                      for address, count in old.held.items()))
 
     def _watch(self, handle: WorkerHandle, channel: socket.socket) -> None:
         """Count handle among the workers and listen to its channel (its end
@@ -197,12 +206,28 @@ class Master:
         if handle.state == "starting" and line == "ready":
             handle.state = "serving"
             self._check_ready()
+        elif line.startswith(("held ", "closed ")):
+            self._pass_on(handle, line)
         elif handle.conns_waiting:
             if line:
                 handle.conns_lines.append(line)
             else:  # the empty line ends an answer
                 lines, handle.conns_lines = handle.conns_lines, []
                 handle.conns_waiting.pop(0)(lines)
+
+    def _pass_on(self, old: WorkerHandle, line: str) -> None:
+        """A draining worker holds (or no longer holds) connections from a
+        client address: so does, for its limits, the worker of its number."""
+        what, address, count = line.split()
+        old.held[address] += int(count) if what == "held" else -int(count)
+        if old.held[address] <= 0:
+            del old.held[address]
+        self._to_successor(old.number, line)
+
+    def _to_successor(self, number: int, *lines: str) -> None:
+        for handle in self.workers.values():
+            if handle.number == number and handle.state in ("starting", "serving"):
+                handle.channel.send(*lines)
 
     def _check_ready(self) -> None:
         if self.status.workers_serving() < self.config.workers:
@@ -226,6 +251,9 @@ class Master:
     def _exited(self, handle: WorkerHandle, status: int) -> None:
         del self.workers[handle.pid]
         handle.channel.close()
+        if handle.held:  # what it held when it went
+            self._to_successor(handle.number, *(f"closed {address} {count}"
+                                                for address, count in handle.held.items()))
         self.board.retire(handle.slot)
         for callback in handle.conns_waiting:
             callback(handle.conns_lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from collections import Counter
 
 from loguru import logger as log
 
@@ -55,7 +56,8 @@ class Worker:
         if config.connect_timeout:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None
-        if config.max_connections or config.max_per_client:
+        self.limited = bool(config.max_connections or config.max_per_client)
+        if self.limited:
             share = config.max_connections and \
                 limits_share(config.max_connections, config.workers, number)
             limits = Limits(ctr, share, config.max_per_client)
@@ -64,6 +66,7 @@ class Worker:
         self.channel = Channel(self.loop, channel_sock, self._on_command, self._on_master_gone)
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
         self.drain_timer = None
+        self.draining = False
         self.conns_asked = 0  # "conns" requests not answered in full yet
         self.conns_from: int | None = None
         self.conns_to = -1
@@ -102,8 +105,22 @@ class Worker:
                 self._begin_conns()
         elif line == "drain":
             self._drain()
+        elif line.startswith(("held ", "closed ")):
+            self._predecessor(*line.split())
         else:
             log.error("Unknown command from the master: {!r}", line)
+
+    def _predecessor(self, what: str, address: str, count: str) -> None:
+        """The old worker of our number, draining after an upgrade, holds
+        (or no longer holds) count connections from address: they count
+        against our limits (limits.py)."""
+        if self.listener is None or self.listener.limits is None:
+            return
+        if what == "held":
+            self.listener.limits.inherit(address, int(count))
+        else:
+            self.listener.limits.forget(address, int(count))
+            self.listener.room_again()
 
     # EOF on the channel: the master died (it never closes it otherwise).
     def _on_master_gone(self) -> None:
@@ -112,11 +129,18 @@ class Worker:
         self.loop.stop()
 
     def _drain(self) -> None:
-        """Stop accepting; leave the loop once no connection is left."""
+        """Stop accepting; leave the loop once no connection is left. With
+        limits, say what this worker holds, for the worker of its number
+        that succeeds it (again at each "drain": a later upgrade's master
+        asks anew), and then each close."""
+        if self.limited:
+            held = Counter(connection.peer[0] for connection in self.table.connections())
+            self.channel.send(*(f"held {address} {count}" for address, count in held.items()))
         if self.listener is None:
             return
         self.listener.close()
         self.listener = None
+        self.draining = True
         self.table.on_empty = self.loop.stop
         if not len(self.table):
             self.loop.stop()
@@ -158,6 +182,8 @@ class Worker:
         if self.listener is not None:
             self.listener.limits.release(connection.peer[0])
             self.listener.room_again()
+        elif self.draining:  # it no longer counts for our successor
+            self.channel.send(f"closed {connection.peer[0]} 1")
 
     # -- signals ----------------------------------------------------------------
 
@@ -176,6 +202,7 @@ class Worker:
         """Stop accepting, then close every connection, then the loop."""
         if self.listener is not None:
             self.listener.close()
+            self.listener = None
         for connection in self.table.connections():
             connection.close()
         watchers = [*self.signals, self.trim, self.conns_timer]

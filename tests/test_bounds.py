@@ -5,6 +5,7 @@ its bound, counted and logged, with the real daemon."""
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
 
@@ -142,3 +143,57 @@ def test_idle_timeout_resets_a_quiet_connection_and_spares_a_trickle(topo, peers
     assert daemon.info()["Closed_idle_timeout"] == "1"
     # The server's side was reset too.
     peers.wait_records(mode="echo", sha256=sha256(b"once"), end="ECONNRESET")
+
+
+def test_max_per_client_holds_through_an_upgrade(topo, peers, start_daemon):
+    """After SIGUSR2 the old workers drain: their connections still count
+    against the new workers' --max-per-client until they close."""
+    daemon = start_daemon("-w", "2", "--max-per-client", "2", control=True, log_file=True)
+    old = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "two workers")
+    mine = [connect_from(topo, topo.CLIENT4) for _ in range(2)]
+    try:
+        for sock in mine:
+            assert echo(sock, b"ok") == b"ok"
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_log("Upgrade done", timeout=20)
+        assert reset_at_once(topo, topo.CLIENT4)
+        with connect_from(topo, CLIENT_B) as other:
+            assert echo(other, b"other") == b"other"
+        mine.pop().close()
+        resets = []
+
+        def served() -> bool:  # the old connection's close reaches the new worker soon
+            try:
+                with connect_from(topo, topo.CLIENT4) as sock:
+                    return echo(sock, b"new") == b"new"
+            except ConnectionResetError:
+                resets.append(1)
+                return False
+        wait_for(served, 5, "a connection from the client once one of its old ones closed")
+    finally:
+        for sock in mine:
+            sock.close()
+    wait_for(lambda: not set(old) & set(daemon.workers()), 10, "the old workers to exit")
+    assert daemon.info()["Limited_max_per_client"] == str(1 + len(resets))
+
+
+def test_max_connections_holds_through_an_upgrade(topo, peers, start_daemon):
+    """The old worker's connections count against the new one's
+    --max-connections: the next client waits until one of them closes."""
+    daemon = start_daemon("--max-connections", "3", control=True, log_file=True)
+    first = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(3)]
+    try:
+        for n, sock in enumerate(first):
+            assert echo(sock, b"in %d" % n) == b"in %d" % n
+        daemon.signal(signal.SIGUSR2)
+        daemon.wait_log("Upgrade done", timeout=20)
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as waiting:
+            waiting.sendall(b"waiting")
+            time.sleep(0.5)  # long enough for the daemon to have served it, were it to
+            assert daemon.info()["Connections_open"] == "3"
+            first.pop().close()
+            waiting.settimeout(5)
+            assert waiting.recv(7, socket.MSG_WAITALL) == b"waiting"
+    finally:
+        for sock in first:
+            sock.close()
