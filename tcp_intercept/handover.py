@@ -94,16 +94,18 @@ class Check:
     def __init__(self, command: list[str]):
         self.why_not: str | None = None
         self._deadline = time.monotonic() + CHECK_TIMEOUT
-        # What it says, in memory: no file system needs to be writable.
-        self._output = open(os.memfd_create("upgrade-check"), "w+b")
+        self._process: subprocess.Popen | None = None
+        self._output = None
         try:
-            self._process: subprocess.Popen | None = subprocess.Popen(
+            # What it says, in memory: no file system needs to be writable.
+            self._output = open(os.memfd_create("upgrade-check"), "w+b")
+            self._process = subprocess.Popen(
                 command, env={**os.environ, CHECK_ENV: "1"}, stdin=subprocess.DEVNULL,
                 stdout=self._output, stderr=self._output)
         except OSError as err:
-            self._process = None
             self.why_not = str(err)
-            self._output.close()
+            if self._output is not None:
+                self._output.close()
 
     def done(self) -> bool:
         if self._process is None:
