@@ -4,8 +4,15 @@
                                 first, then an empty line
                        "drain"  stop accepting; exit once the last
                                 connection is gone (or --drain-timeout)
+                       "held ADDRESS N", "closed ADDRESS N"
+                                the draining worker of this number holds
+                                N more, or N fewer, connections from
+                                ADDRESS: they count against the limits
     worker -> master   "ready"  once, when the worker's loop runs
                        the answer to "conns"
+                       "held ADDRESS N"   after "drain", with limits: what
+                                it holds, per client address
+                       "closed ADDRESS N" then, as its connections close
 
 Both ends are non-blocking and watched by their own loop: a slow reader
 never blocks the writer, whose lines wait in memory. The master's end
