@@ -185,12 +185,10 @@ def _adder(level: str):
     for they run six times per connection (a call less is a quarter of a
     line's cost; tests/test_logs.py checks both make the same line)."""
     def add(self: Log, text: str) -> None:
-        global _second, _prefix
         now = _now()
         second = int(now)
         if second != _second:
-            _prefix = time.strftime("%Y-%m-%d %H:%M:%S.", time.localtime(second))
-            _second = second
+            _new_second(second)
         self._added(f"{_prefix}{_MILLISECONDS[int((now - second) * 1000)]}{level}: {text}\n")
     add.__name__ = level.lower()
     return add
@@ -341,15 +339,19 @@ _prefix = ""
 _MILLISECONDS = [f"{ms:03d} " for ms in range(1000)]
 
 
-def _stamp(level: str, text: str) -> str:
-    """The line as loguru's FORMAT writes it: local time to the millisecond;
-    the part up to the second is formatted once per second."""
+def _new_second(second: int) -> None:
+    """The part of the stamp up to the second, formatted once per second."""
     global _second, _prefix
+    _prefix = time.strftime("%Y-%m-%d %H:%M:%S.", time.localtime(second))
+    _second = second
+
+
+def _stamp(level: str, text: str) -> str:
+    """The line as loguru's FORMAT writes it: local time to the millisecond."""
     now = _now()
     second = int(now)
     if second != _second:
-        _prefix = time.strftime("%Y-%m-%d %H:%M:%S.", time.localtime(second))
-        _second = second
+        _new_second(second)
     return f"{_prefix}{_MILLISECONDS[int((now - second) * 1000)]}{level}: {text}\n"
 
 
