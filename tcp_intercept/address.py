@@ -12,9 +12,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-
-class AddressError(ValueError):
-    """An address string that cannot be used (exit status 65)."""
+from .errors import AddressError
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,12 +22,45 @@ to the old workers; a worker that reads EOF has lost its master for good.
 
 from __future__ import annotations
 
+import enum
 import socket
 from collections.abc import Callable
 
 from .evloop import READ, WRITE, Loop
 
 MAX_LINE = 1 << 20  # a line longer than this is a broken peer
+
+
+class Word(enum.StrEnum):
+    """The first word of every line on the channel, but for an answer's lines
+    (which the master reads as such while it waits for one)."""
+    READY = "ready"
+    CONNS = "conns"
+    DRAIN = "drain"
+    HELD = "held"
+    CLOSED = "closed"
+
+
+def count_line(word: Word, address: str, count: int) -> str:
+    """A HELD or CLOSED line."""
+    return f"{word} {address} {count}"
+
+
+def parse_count(line: str) -> tuple[Word, str, int] | None:
+    """(HELD or CLOSED, address, count) from such a line, else None."""
+    parts = line.split()
+    if len(parts) == 3 and parts[0] in (Word.HELD, Word.CLOSED):
+        return Word(parts[0]), parts[1], int(parts[2])
+    return None
+
+
+class State(enum.StrEnum):
+    """A worker's life as its master sees it (show info shows it)."""
+    STARTING = "starting"   # forked, not yet READY
+    SERVING = "serving"
+    OLD = "old"             # a replaced program's, serving until ours do
+    DRAINING = "draining"   # told DRAIN: accepts no more, ends with its last connection
+    STOPPING = "stopping"   # sent SIGTERM
 
 
 class Channel:

@@ -20,10 +20,10 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from typing import Protocol
 
-from .daemon import StartupError
+from .errors import StartupError
 from .request_server import RequestServer
+from .status import Status
 
 MAX_COMMAND = 1024
 HELP = """\
@@ -32,16 +32,6 @@ show conns     every connection, oldest first, after a header line
 show metrics   the Prometheus text exposition
 help           this list
 """
-
-
-class Status(Protocol):
-    """What the control socket asks the daemon (the master answers)."""
-
-    def info_lines(self) -> list[str]: ...
-
-    def conns(self, done: Callable[[list[str]], None]) -> None: ...
-
-    def metrics(self) -> bytes: ...
 
 
 def open_control_socket(path: str, owner: tuple[int, int] | None = None) -> socket.socket:
@@ -115,7 +105,8 @@ class Control:
         elif command == "show conns":
             self.status.conns(lambda lines: respond(_text(lines)))
         elif command == "show metrics":
-            respond(self.status.metrics())
+            from .metrics import exposition  # imported at start-up (startup.py)
+            respond(exposition(self.status))
         elif command == "help":
             respond(HELP.encode())
         else:

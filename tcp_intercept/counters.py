@@ -25,26 +25,63 @@ from __future__ import annotations
 
 import mmap
 import os
+from dataclasses import dataclass
 
-# Counters (only ever grow) and gauges (the state now), one word each.
-FIELDS = (
-    "accepted",
-    "limited_max_connections", "limited_max_per_client",
-    "connect_refused", "connect_unreachable", "connect_timeout", "connect_other",
-    "closed_clean", "closed_reset", "closed_idle_timeout",
-    "bytes_c2s", "bytes_s2c",
-    "worker_restarts",
-    # gauges
-    "pipes_lent", "pipes_free",
-    # the slot's owner
-    "pid", "in_use",
-)
-(ACCEPTED, LIMITED_MAX_CONNECTIONS, LIMITED_MAX_PER_CLIENT,
- CONNECT_REFUSED, CONNECT_UNREACHABLE, CONNECT_TIMEOUT, CONNECT_OTHER,
- CLOSED_CLEAN, CLOSED_RESET, CLOSED_IDLE_TIMEOUT,
- BYTES_C2S, BYTES_S2C, WORKER_RESTARTS,
- PIPES_LENT, PIPES_FREE, PID, IN_USE) = range(len(FIELDS))
-COUNTERS = range(PIPES_LENT)  # the fields that add up over time
+@dataclass(frozen=True)
+class Field:
+    """One word of a slot, declared once: show info's key, and the Prometheus
+    family (FAMILIES) and label value under which /metrics shows it."""
+    info: str | None
+    family: str | None = None
+    label: str | None = None
+
+
+# family -> (kind, help, label name); the exposition adds tcp_intercept_ (and
+# _total to counters).
+FAMILIES = {
+    "connections_accepted": ("counter", "Connections intercepted", None),
+    "connections_limited": ("counter", "Connections refused or held back by a limit, by limit",
+                            "reason"),
+    "connect_failures": ("counter", "Connections to servers that failed, by reason", "reason"),
+    "connections_closed": ("counter", "Connections closed, by how they ended", "how"),
+    "bytes": ("counter", "Bytes relayed, by direction (c2s: client to server)", "direction"),
+    "worker_restarts": ("counter", "Workers that died and were replaced", None),
+    "pipes": ("gauge", "Kernel pipes of the pipe pools, lent to a relay or free", "state"),
+}
+FIELDS: list[Field] = []
+
+
+def _declare(info: str | None, family: str | None = None, label: str | None = None) -> int:
+    FIELDS.append(Field(info, family, label))
+    return len(FIELDS) - 1
+
+
+# The layout of a slot, in order. A new field goes at the end: an upgrade's
+# new program reads the old workers' slots by these indices (SLOT_WORDS
+# leaves room), and an old worker leaves a new field at 0.
+ACCEPTED = _declare("Connections_accepted", "connections_accepted")
+LIMITED_MAX_CONNECTIONS = _declare("Limited_max_connections", "connections_limited",
+                                   "max_connections")
+LIMITED_MAX_PER_CLIENT = _declare("Limited_max_per_client", "connections_limited",
+                                  "max_per_client")
+CONNECT_REFUSED = _declare("Connect_failed_refused", "connect_failures", "refused")
+CONNECT_UNREACHABLE = _declare("Connect_failed_unreachable", "connect_failures", "unreachable")
+CONNECT_TIMEOUT = _declare("Connect_failed_timeout", "connect_failures", "timeout")
+CONNECT_OTHER = _declare("Connect_failed_other", "connect_failures", "other")
+CLOSED_CLEAN = _declare("Closed_clean", "connections_closed", "clean")
+CLOSED_RESET = _declare("Closed_reset", "connections_closed", "reset")
+CLOSED_IDLE_TIMEOUT = _declare("Closed_idle_timeout", "connections_closed", "idle_timeout")
+BYTES_C2S = _declare("Bytes_c2s", "bytes", "c2s")
+BYTES_S2C = _declare("Bytes_s2c", "bytes", "s2c")
+WORKER_RESTARTS = _declare("Worker_restarts", "worker_restarts")
+PIPES_LENT = _declare("Pipes_lent", "pipes", "lent")
+PIPES_FREE = _declare("Pipes_free", "pipes", "free")
+PID = _declare(None)  # the slot's owner
+IN_USE = _declare(None)
+
+# The fields that add up over time (the others are gauges: the state now).
+COUNTERS = tuple(index for index, field in enumerate(FIELDS)
+                 if field.family and FAMILIES[field.family][0] == "counter")
 CLOSED = (CLOSED_CLEAN, CLOSED_RESET, CLOSED_IDLE_TIMEOUT)
 SLOT_WORDS = 32  # room to add fields without changing the layout
 WORD = 8

@@ -16,6 +16,8 @@ import socket
 import sys
 import time
 
+from .errors import EX_FAILED, EX_OK, EX_USAGE
+
 DEFAULT_SOCKET = "/run/tcp-intercept/tcp-intercept.sock"
 TIMEOUT = 10.0
 USAGE = f"""\
@@ -36,24 +38,24 @@ def main(argv: list[str] | None = None) -> int:
         opts, words = getopt.getopt(argv, "hs:", ["help", "socket="])
     except getopt.GetoptError as err:
         sys.stderr.write(f"tcp-intercept-ctl: {err}\n{USAGE}")
-        return 64
+        return EX_USAGE
     path = DEFAULT_SOCKET
     for opt, value in opts:
         if opt in ("-h", "--help"):
             sys.stdout.write(USAGE)
-            return 0
+            return EX_OK
         path = value
     if not words:
         sys.stderr.write(f"tcp-intercept-ctl: no command\n{USAGE}")
-        return 64
+        return EX_USAGE
     try:
         answer = ask(path, " ".join(words))
     except OSError as err:
         sys.stderr.write(f"tcp-intercept-ctl: {path}: {_why(err)}\n")
-        return 1
+        return EX_FAILED
     sys.stdout.buffer.write(answer)
     sys.stdout.flush()
-    return 1 if answer.startswith(b"ERROR: ") else 0
+    return EX_FAILED if answer.startswith(b"ERROR: ") else EX_OK
 
 
 def ask(path: str, command: str, timeout: float = TIMEOUT) -> bytes:

@@ -11,9 +11,7 @@ Signals (each handler below says the same):
                    which starts new workers and drains the old ones
   SIGCHLD          reap workers; one that died unasked is replaced
 
-Worker states: starting (forked, not yet "ready"), serving, old (serving,
-but a newer program's workers are starting to replace it), draining (told
-to stop accepting; exits once its connections are gone), stopping (TERM).
+Worker states: channel.State (starting, serving, old, draining, stopping).
 """
 
 from __future__ import annotations
@@ -30,11 +28,12 @@ from dataclasses import dataclass, field
 from loguru import logger as log
 
 from . import __version__, handover
-from .channel import Channel
+from .channel import Channel, State, Word, count_line, parse_count
 from .config import Config
 from .control import Control, remove_control_socket
 from .counters import PID, WORKER_RESTARTS, Board
-from .daemon import notify
+from .detach import notify
+from .errors import EX_OSERR
 from .evloop import Loop
 from .logs import Log
 from .status import Status
@@ -53,7 +52,7 @@ class WorkerHandle:
     number: int          # 1..N; worker N serves listener N-1
     slot: int            # its counters
     channel: Channel | None = None
-    state: str = "starting"   # starting, serving, old, draining, stopping
+    state: State = State.STARTING
     started: float = 0.0
     conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
     conns_lines: list = field(default_factory=list)
@@ -95,15 +94,15 @@ class Master:
         self.started = taken.started if taken else time.time()
         self.upgrading = taken is not None
         self.loop = Loop(on_error=self._on_error)
-        self.status = Status(self)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.status = Status(config, board, self.loop, self.workers, self.started)
         self.control = None if sockets.control is None else \
             Control(self.loop, sockets.control, self.status)
         self.metrics_endpoint = None
         if sockets.metrics is not None:
-            from .metrics import MetricsEndpoint
+            from .metrics import MetricsEndpoint, exposition
             self.metrics_endpoint = MetricsEndpoint(self.loop, sockets.metrics,
-                                                    self.status.metrics)
-        self.workers: dict[int, WorkerHandle] = {}
+                                                    lambda: exposition(self.status))
         self.young_deaths: dict[int, int] = {}  # per worker number, in a row
         self.stopping = False
         self.on_ready: Callable[[int, str], None] | None = None
@@ -165,7 +164,7 @@ class Master:
         self._watch(handle, ours)
         for old in self.workers.values():
             if old.number == number and old.held:
-                handle.channel.send(*(f"held {address} {count}"
+                handle.channel.send(*(count_line(Word.HELD, address, count)
                                       for address, count in old.held.items()))
 
     def _watch(self, handle: WorkerHandle, channel: socket.socket) -> None:
@@ -203,11 +202,11 @@ class Master:
             return 70
 
     def _on_line(self, handle: WorkerHandle, line: str) -> None:
-        if handle.state == "starting" and line == "ready":
-            handle.state = "serving"
+        if handle.state == State.STARTING and line == Word.READY:
+            handle.state = State.SERVING
             self._check_ready()
-        elif line.startswith(("held ", "closed ")):
-            self._pass_on(handle, line)
+        elif (counted := parse_count(line)) is not None:
+            self._pass_on(handle, line, *counted)
         elif handle.conns_waiting:
             if line:
                 handle.conns_lines.append(line)
@@ -215,18 +214,18 @@ class Master:
                 lines, handle.conns_lines = handle.conns_lines, []
                 handle.conns_waiting.pop(0)(lines)
 
-    def _pass_on(self, old: WorkerHandle, line: str) -> None:
+    def _pass_on(self, old: WorkerHandle, line: str, word: Word, address: str,
+                 count: int) -> None:
         """A draining worker holds (or no longer holds) connections from a
         client address: so does, for its limits, the worker of its number."""
-        what, address, count = line.split()
-        old.held[address] += int(count) if what == "held" else -int(count)
+        old.held[address] += count if word == Word.HELD else -count
         if old.held[address] <= 0:
             del old.held[address]
         self._to_successor(old.number, line)
 
     def _to_successor(self, number: int, *lines: str) -> None:
         for handle in self.workers.values():
-            if handle.number == number and handle.state in ("starting", "serving"):
+            if handle.number == number and handle.state in (State.STARTING, State.SERVING):
                 handle.channel.send(*lines)
 
     def _check_ready(self) -> None:
@@ -252,17 +251,17 @@ class Master:
         del self.workers[handle.pid]
         handle.channel.close()
         if handle.held:  # what it held when it went
-            self._to_successor(handle.number, *(f"closed {address} {count}"
+            self._to_successor(handle.number, *(count_line(Word.CLOSED, address, count)
                                                 for address, count in handle.held.items()))
         self.board.retire(handle.slot)
         for callback in handle.conns_waiting:
             callback(handle.conns_lines)
         how = _describe(status)
-        if self.stopping or handle.state in ("old", "draining"):
+        if self.stopping or handle.state in (State.OLD, State.DRAINING):
             log.info("Worker {} (pid {}) {}", handle.number, handle.pid, how)
         elif self.on_ready is not None and not self.upgrading:
             on_ready, self.on_ready = self.on_ready, None
-            on_ready(71, f"Worker {handle.number} {how} during start-up")
+            on_ready(EX_OSERR, f"Worker {handle.number} {how} during start-up")
             self._stop()
         else:
             log.error("Worker {} (pid {}) {}; starting another", handle.number, handle.pid, how)
@@ -287,7 +286,7 @@ class Master:
         if self.stopping:
             return
         serving = {h.number for h in self.workers.values()
-                   if h.state not in ("old", "draining")}
+                   if h.state not in (State.OLD, State.DRAINING)}
         for number in range(1, self.config.workers + 1):
             if number not in serving:
                 self._spawn(number)
@@ -337,7 +336,7 @@ class Master:
     def _adopt(self, old: list[handover.OldWorker]) -> None:
         """The workers of the program we replaced: they serve until ours do."""
         for worker in old:
-            self._watch(WorkerHandle(worker.pid, worker.number, worker.slot, state="old",
+            self._watch(WorkerHandle(worker.pid, worker.number, worker.slot, state=State.OLD,
                                      started=self.loop.now()),
                         handover.adopt(worker.channel))
         self._on_child(signal.SIGCHLD)  # any that exited during the exec
@@ -345,10 +344,10 @@ class Master:
     def _upgraded(self) -> None:
         """Our workers all serve: the old ones stop accepting and drain."""
         self.upgrading = False
-        old = [h for h in self.workers.values() if h.state == "old"]
+        old = [h for h in self.workers.values() if h.state == State.OLD]
         for handle in old:
-            handle.state = "draining"
-            handle.channel.send("drain")
+            handle.state = State.DRAINING
+            handle.channel.send(Word.DRAIN)
         log.info("Upgrade done: version {} serves with {} worker(s); {} old worker(s) "
                  "drain their connections", __version__, self.config.workers, len(old))
         notify("READY=1")
@@ -377,7 +376,7 @@ class Master:
             self.check = None
             self.check_timer.stop()
         for handle in self.workers.values():
-            handle.state = "stopping"
+            handle.state = State.STOPPING
             _kill(handle.pid, signal.SIGTERM)
         if not self.workers:
             self.loop.stop()

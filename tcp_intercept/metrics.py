@@ -18,48 +18,25 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from . import __version__
 from . import counters as c
 from .address import Address
-from .daemon import StartupError
+from .errors import StartupError
 from .request_server import RequestServer
+from .status import Status
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD = 8192
 
-# (family, help, label, [(label value, counter index)])
-LABELLED_COUNTERS = (
-    ("connections_limited", "Connections refused or held back by a limit, by limit",
-     "reason", [("max_connections", c.LIMITED_MAX_CONNECTIONS),
-                ("max_per_client", c.LIMITED_MAX_PER_CLIENT)]),
-    ("connect_failures", "Connections to servers that failed, by reason",
-     "reason", [("refused", c.CONNECT_REFUSED), ("unreachable", c.CONNECT_UNREACHABLE),
-                ("timeout", c.CONNECT_TIMEOUT), ("other", c.CONNECT_OTHER)]),
-    ("connections_closed", "Connections closed, by how they ended",
-     "how", [("clean", c.CLOSED_CLEAN), ("reset", c.CLOSED_RESET),
-             ("idle_timeout", c.CLOSED_IDLE_TIMEOUT)]),
-    ("bytes", "Bytes relayed, by direction (c2s: client to server)",
-     "direction", [("c2s", c.BYTES_C2S), ("s2c", c.BYTES_S2C)]),
-)
-
-
-class Source(Protocol):
-    """What the collector reads: the summed counters, the processes' pids
-    (master first), and the number of workers serving."""
-
-    def totals(self) -> list[int]: ...
-
-    def pids(self) -> list[int]: ...
-
-    def workers_serving(self) -> int: ...
-
-
 class DaemonCollector:
-    def __init__(self, source: Source, version: str):
+    """Reads the status at each scrape: the summed counters, the processes'
+    pids (master first), and the number of workers serving."""
+
+    def __init__(self, source: Status, version: str):
         self.source = source
         self.version = version
 
@@ -67,27 +44,29 @@ class DaemonCollector:
         totals = self.source.totals()
         yield _gauge("tcp_intercept_connections", "Connections open now",
                      c.open_connections(totals))
-        yield _counter("tcp_intercept_connections_accepted", "Connections intercepted",
-                       totals[c.ACCEPTED])
-        for name, text, label, values in LABELLED_COUNTERS:
-            family = CounterMetricFamily(f"tcp_intercept_{name}", text, labels=[label])
-            for value, index in values:
-                family.add_metric([value], totals[index])
-            yield family
-        pipes = GaugeMetricFamily("tcp_intercept_pipes", "Kernel pipes of the pipe pools, "
-                                  "lent to a relay or free", labels=["state"])
-        pipes.add_metric(["lent"], totals[c.PIPES_LENT])
-        pipes.add_metric(["free"], totals[c.PIPES_FREE])
-        yield pipes
+        yield from _families(totals)
         yield _gauge("tcp_intercept_workers", "Worker processes serving",
                      self.source.workers_serving())
-        yield _counter("tcp_intercept_worker_restarts", "Workers that died and were replaced",
-                       totals[c.WORKER_RESTARTS])
         info = GaugeMetricFamily("tcp_intercept_build_info", "The running version",
                                  labels=["version"])
         info.add_metric([self.version], 1)
         yield info
         yield from _processes(self.source.pids())
+
+
+def _families(totals: list[int]):
+    """Every family of counters.FAMILIES, with its fields' totals."""
+    for name, (kind, text, label) in c.FAMILIES.items():
+        make = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        fields = [(index, field) for index, field in enumerate(c.FIELDS) if field.family == name]
+        if label is None:
+            [(index, _)] = fields
+            yield make(f"tcp_intercept_{name}", text, value=totals[index])
+            continue
+        family = make(f"tcp_intercept_{name}", text, labels=[label])
+        for index, field in fields:
+            family.add_metric([field.label], totals[index])
+        yield family
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
@@ -120,7 +99,7 @@ def _processes(pids: list[int]):
     yield from folded.values()
 
 
-def exposition(source: Source, version: str) -> bytes:
+def exposition(source: Status, version: str = __version__) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(source, version))
     return generate_latest(registry)

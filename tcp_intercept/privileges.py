@@ -36,16 +36,13 @@ import pwd
 from dataclasses import dataclass
 
 from .config import Config
+from .errors import PrivilegeError
 
 ALLOWED_CONGESTION = "/proc/sys/net/ipv4/tcp_allowed_congestion_control"
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 CAP_SET = 1
 CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_BIND_SERVICE": 10}
-
-
-class PrivilegeError(Exception):
-    """The switch of user or capabilities failed (exit status 71)."""
 
 
 @dataclass(frozen=True)

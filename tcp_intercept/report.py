@@ -18,24 +18,8 @@ from . import counters as c
 CONNS_HEADER = ("# worker client destination source state age_s idle_s "
                 "bytes_c2s bytes_s2c pipe")
 
-# show info: the counters, in this order, under these names.
-INFO_COUNTERS = (
-    ("Connections_accepted", c.ACCEPTED),
-    ("Limited_max_connections", c.LIMITED_MAX_CONNECTIONS),
-    ("Limited_max_per_client", c.LIMITED_MAX_PER_CLIENT),
-    ("Connect_failed_refused", c.CONNECT_REFUSED),
-    ("Connect_failed_unreachable", c.CONNECT_UNREACHABLE),
-    ("Connect_failed_timeout", c.CONNECT_TIMEOUT),
-    ("Connect_failed_other", c.CONNECT_OTHER),
-    ("Closed_clean", c.CLOSED_CLEAN),
-    ("Closed_reset", c.CLOSED_RESET),
-    ("Closed_idle_timeout", c.CLOSED_IDLE_TIMEOUT),
-    ("Bytes_c2s", c.BYTES_C2S),
-    ("Bytes_s2c", c.BYTES_S2C),
-    ("Pipes_lent", c.PIPES_LENT),
-    ("Pipes_free", c.PIPES_FREE),
-    ("Worker_restarts", c.WORKER_RESTARTS),
-)
+# show info: the counters and gauges, in their order, under their names.
+INFO_COUNTERS = [(field.info, index) for index, field in enumerate(c.FIELDS) if field.info]
 
 
 def encode(pid: int, snapshot: tuple) -> str:

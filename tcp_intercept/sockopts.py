@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-from .config import Config
+from .errors import CapabilityError, UsageError
 
 SOL_IP = socket.SOL_IP
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
@@ -20,10 +20,6 @@ TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
 
 AVAILABLE_CONGESTION = "/proc/sys/net/ipv4/tcp_available_congestion_control"
-
-
-class CapabilityError(PermissionError):
-    """IP_TRANSPARENT refused: the daemon lacks CAP_NET_ADMIN."""
 
 
 def available_congestion() -> list[str]:
@@ -38,7 +34,6 @@ def check_congestion(name: str) -> str:
     """The algorithm, if the kernel offers it; else UsageError naming those it does."""
     offered = available_congestion()
     if name not in offered:
-        from .cli import UsageError
         raise UsageError(f"congestion control {name!r} is not available; "
                          f"the kernel offers: {' '.join(offered) or 'none'} "
                          f"(modprobe tcp_{name} may add it)")
@@ -76,8 +71,9 @@ def set_transparent(sock: socket.socket) -> None:
             "CAP_NET_ADMIN capability (run it as root or grant it)") from None
 
 
-def tcp_options(config: Config, congestion: str | None) -> list[tuple[int, int, object]]:
-    """(level, option, value) for one side of every connection."""
+def tcp_options(config, congestion: str | None) -> list[tuple[int, int, object]]:
+    """(level, option, value) for one side of every connection, from a
+    Config's nodelay, keepalive and user_timeout."""
     opts: list[tuple[int, int, object]] = []
     if config.nodelay:
         opts.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))

@@ -8,51 +8,58 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 from . import NAME, __version__, report
-from .counters import FIELDS
-
-if TYPE_CHECKING:
-    from .master import Master
+from .channel import State, Word
+from .config import Config
+from .counters import FIELDS, Board
+from .evloop import Loop
 
 ANSWER_TIMEOUT = 5.0   # seconds a worker gets to list its connections
 
 
 class Status:
-    def __init__(self, master: Master):
-        self.master = master
+    """The master's numbers and table for operators. workers: the master's
+    live map of pid -> its handle of each worker (master.WorkerHandle: number,
+    pid, slot, state, channel, conns_waiting)."""
+
+    def __init__(self, config: Config, board: Board, loop: Loop, workers: Mapping,
+                 started: float):
+        self.config = config
+        self.board = board
+        self.loop = loop
+        self.workers = workers
+        self.started = started
 
     def totals(self) -> list[int]:
-        return self.master.board.totals()
+        return self.board.totals()
 
     def pids(self) -> list[int]:
-        return [os.getpid(), *sorted(self.master.workers)]
+        return [os.getpid(), *sorted(self.workers)]
 
     def workers_serving(self) -> int:
-        return sum(h.state == "serving" for h in self.master.workers.values())
+        return sum(h.state == State.SERVING for h in self.workers.values())
 
     def info_lines(self) -> list[str]:
-        master = self.master
         processes = [report.Process("master", os.getpid())]
-        for handle in sorted(master.workers.values(), key=lambda h: (h.number, h.pid)):
-            counts = list(master.board.slot(handle.slot)[:len(FIELDS)])
+        for handle in sorted(self.workers.values(), key=lambda h: (h.number, h.pid)):
+            counts = list(self.board.slot(handle.slot)[:len(FIELDS)])
             processes.append(report.Process(f"worker {handle.number}", handle.pid,
                                             handle.state, counts))
         return report.info_lines(name=NAME, version=__version__,
-                                 options=master.config.describe(),
-                                 uptime=time.time() - master.started, processes=processes,
-                                 totals=master.board.totals())
+                                 options=self.config.describe(),
+                                 uptime=time.time() - self.started, processes=processes,
+                                 totals=self.board.totals())
 
     def conns(self, done: Callable[[list[str]], None]) -> None:
         """done(the show conns table) once every worker has listed its
         connections, or ANSWER_TIMEOUT has passed (then a comment line names
         the workers that did not answer)."""
-        asked = [h for h in self.master.workers.values() if not h.channel.closed]
+        asked: list = [h for h in self.workers.values() if not h.channel.closed]
         lines: list[str] = []
         waiting = {h.pid for h in asked}
-        timer = self.master.loop.timer(ANSWER_TIMEOUT)
+        timer = self.loop.timer(ANSWER_TIMEOUT)
 
         def finish() -> None:
             timer.stop()
@@ -71,12 +78,8 @@ class Status:
 
         for handle in asked:
             handle.conns_waiting.append(lambda answer, pid=handle.pid: answered(pid, answer))
-            handle.channel.send("conns")
+            handle.channel.send(Word.CONNS)
         if not asked:
             finish()
         else:
             timer.start(lambda: waiting and finish())
-
-    def metrics(self) -> bytes:
-        from .metrics import exposition  # imported at start-up (server.py)
-        return exposition(self, __version__)

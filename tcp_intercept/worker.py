@@ -22,7 +22,7 @@ from collections import Counter
 from loguru import logger as log
 
 from . import report
-from .channel import Channel
+from .channel import Channel, Word, count_line, parse_count
 from .config import Config
 from .connection import Context
 from .evloop import Loop
@@ -91,7 +91,7 @@ class Worker:
         self.trim.start(self.pool.trim)
         self.deadlines.start()
         self.logs.attach(self.loop)
-        self.channel.send("ready")
+        self.channel.send(Word.READY)
         self.loop.run()
         self._close()
         return self.status
@@ -99,27 +99,27 @@ class Worker:
     # -- what the master says ------------------------------------------------
 
     def _on_command(self, line: str) -> None:
-        if line == "conns":
+        if line == Word.CONNS:
             self.conns_asked += 1
             if self.conns_asked == 1:
                 self._begin_conns()
-        elif line == "drain":
+        elif line == Word.DRAIN:
             self._drain()
-        elif line.startswith(("held ", "closed ")):
-            self._predecessor(*line.split())
+        elif (counted := parse_count(line)) is not None:
+            self._predecessor(*counted)
         else:
             log.error("Unknown command from the master: {!r}", line)
 
-    def _predecessor(self, what: str, address: str, count: str) -> None:
+    def _predecessor(self, word: Word, address: str, count: int) -> None:
         """The old worker of our number, draining after an upgrade, holds
         (or no longer holds) count connections from address: they count
         against our limits (limits.py)."""
         if self.listener is None or self.listener.limits is None:
             return
-        if what == "held":
-            self.listener.limits.inherit(address, int(count))
+        if word == Word.HELD:
+            self.listener.limits.inherit(address, count)
         else:
-            self.listener.limits.forget(address, int(count))
+            self.listener.limits.forget(address, count)
             self.listener.room_again()
 
     # EOF on the channel: the master died (it never closes it otherwise).
@@ -135,7 +135,8 @@ class Worker:
         asks anew), and then each close."""
         if self.limited:
             held = Counter(connection.peer[0] for connection in self.table.connections())
-            self.channel.send(*(f"held {address} {count}" for address, count in held.items()))
+            self.channel.send(*(count_line(Word.HELD, address, count)
+                                for address, count in held.items()))
         if self.listener is None:
             return
         self.listener.close()
@@ -183,7 +184,7 @@ class Worker:
             self.listener.limits.release(connection.peer[0])
             self.listener.room_again()
         elif self.draining:  # it no longer counts for our successor
-            self.channel.send(f"closed {connection.peer[0]} 1")
+            self.channel.send(count_line(Word.CLOSED, connection.peer[0], 1))
 
     # -- signals ----------------------------------------------------------------
 

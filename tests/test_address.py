@@ -8,7 +8,8 @@ import socket
 import pytest
 
 from tcp_intercept import address
-from tcp_intercept.address import Address, AddressError, format_sockaddr, parse
+from tcp_intercept.address import Address, format_sockaddr, parse
+from tcp_intercept.errors import AddressError
 
 
 @pytest.mark.parametrize("text, family, host, port", [

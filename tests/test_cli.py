@@ -1,6 +1,6 @@
 """The command line: every option long and short, and the original's exit
 codes (64 bad option or value, 65 bad address, 0 for --help and --version).
-main() runs in this process; past parsing, server.run is replaced."""
+main() runs in this process; past parsing, startup.run is replaced."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tcp_intercept import __version__, cli, server, sockopts
+from tcp_intercept import __version__, cli, sockopts, startup
 from tcp_intercept.address import Address
 from tcp_intercept.config import Keepalive
 
@@ -19,7 +19,7 @@ EX_OK, EX_USAGE, EX_DATAERR = 0, 64, 65
 def started(monkeypatch):
     """The Configs main() would have run the daemon with."""
     configs = []
-    monkeypatch.setattr(server, "run", lambda config, command: configs.append(config) or 0)
+    monkeypatch.setattr(startup, "run", lambda config, command: configs.append(config) or 0)
     return configs
 
 

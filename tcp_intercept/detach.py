@@ -17,16 +17,9 @@ import time
 import daemon
 from daemon.pidfile import TimeoutPIDLockFile
 
+from .errors import EX_OSERR, StartupError
+
 REPORT_TIMEOUT = 20.0  # seconds the launcher waits, as the original did
-EX_OSERR = 71
-
-
-class StartupError(Exception):
-    """Start-up failed: the message for the operator, and the exit status."""
-
-    def __init__(self, message: str, status: int = EX_OSERR):
-        super().__init__(message)
-        self.status = status
 
 
 class Launch:

@@ -24,7 +24,8 @@ from . import NAME, __version__, handover, privileges, sockopts
 from .config import Config
 from .control import open_control_socket, socket_file_id
 from .counters import Board
-from .daemon import EX_OSERR, Launch, StartupError, detach, notify, write_pid_file
+from .detach import Launch, detach, notify, write_pid_file
+from .errors import EX_OSERR, CapabilityError, PrivilegeError, StartupError
 from .listener import open_listeners
 from .logs import Log
 from .master import Master, Sockets
@@ -147,7 +148,7 @@ def _drop_privileges(config: Config, logs: Log) -> None:
         _give_log_file(logs, who)
     try:
         said = privileges.drop(who, privileges.needed(config))
-    except privileges.PrivilegeError as err:
+    except PrivilegeError as err:
         raise StartupError(str(err)) from None
     if said:
         log.info("{}", said)
@@ -170,7 +171,7 @@ def _open_sockets(config: Config, sockets: Sockets) -> None:
                                            mptcp=config.mptcp_listen)
         if config.max_per_client and config.workers > 1:
             steer_by_client(sockets.listeners)
-    except sockopts.CapabilityError as err:
+    except CapabilityError as err:
         raise StartupError(str(err)) from None
     except OSError as err:
         raise StartupError(f"Can not listen on {config.listen}: {err.strerror}") from None
