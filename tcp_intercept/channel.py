@@ -8,6 +8,9 @@
                                 the draining worker of this number holds
                                 N more, or N fewer, connections from
                                 ADDRESS: they count against the limits
+                       "flush"  write out the log lines you hold; answer
+                                "flushed" (the master's line about a
+                                signal then stands after them)
     worker -> master   "ready"  once, when the worker's loop runs
                        the answer to "conns"
                        "held ADDRESS N"   after "drain", with limits: what
@@ -39,6 +42,8 @@ class Word(enum.StrEnum):
     DRAIN = "drain"
     HELD = "held"
     CLOSED = "closed"
+    FLUSH = "flush"       # master -> worker: write out your log lines now
+    FLUSHED = "flushed"   # the answer
 
 
 def count_line(word: Word, address: str, count: int) -> str:

@@ -18,6 +18,9 @@ the same listening socket: the old one's connections go on counting
 against both limits in the new one (inherit(), forget(); the master passes
 them on), so the limits hold through the hand-over, but for the moment
 between the new workers' start and the old ones' drain.
+
+The listener (listener.py) is the one owner of a worker's Limits: it admits
+each connection and releases it when it closes.
 """
 
 from __future__ import annotations

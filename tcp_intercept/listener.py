@@ -12,6 +12,7 @@ from __future__ import annotations
 import _socket  # the C socket: no per-object Python __init__, int attributes
 import errno
 import socket
+from collections.abc import Callable
 
 from loguru import logger as log
 
@@ -66,14 +67,21 @@ def open_listeners(addr: Address, options: list, count: int,
 
 
 class Listener:
+    """Accepts, and with limits (limits.py) owns them: it admits each
+    connection and releases it when it closes (ctx.on_close). Once closed
+    (a draining worker), each release goes to the after_close given to close()."""
     __slots__ = ("sock", "ctx", "port", "host", "wildcard", "watcher", "timer",
-                 "backing_off", "limits")
+                 "backing_off", "limits", "closed", "after_close")
 
     def __init__(self, sock: socket.socket, addr: Address, ctx: Context,
                  limits: Limits | None = None):
         self.sock = sock
         self.ctx = ctx
         self.limits = limits
+        self.closed = False
+        self.after_close: Callable[[str], None] | None = None
+        if limits is not None:
+            ctx.on_close = self._release
         self.port = addr.port
         self.host = addr.host
         self.wildcard = addr.is_wildcard
@@ -85,7 +93,11 @@ class Listener:
     def start(self) -> None:
         self.watcher.start(self._on_readable)
 
-    def close(self) -> None:
+    def close(self, after_close: Callable[[str], None] | None = None) -> None:
+        """Stop accepting; after_close(client address) for each connection
+        that closes from now on (with limits)."""
+        self.closed = True
+        self.after_close = after_close
         for watcher in (self.watcher, self.timer):
             watcher.stop()
             watcher.close()
@@ -141,8 +153,26 @@ class Listener:
         Connection(self.ctx, client, peer, dst)
         return True
 
-    def room_again(self) -> None:
-        """A connection closed: accept again if the limit had stopped us."""
+    def _release(self, connection: Connection) -> None:
+        """A connection admitted here closed."""
+        if self.closed:
+            if self.after_close is not None:
+                self.after_close(connection.peer[0])
+            return
+        self.limits.release(connection.peer[0])
+        self._room_again()
+
+    def inherit(self, address: str, count: int) -> None:
+        """count connections from address, held by the draining worker this
+        one succeeds, count against the limits until forget()."""
+        self.limits.inherit(address, count)
+
+    def forget(self, address: str, count: int) -> None:
+        self.limits.forget(address, count)
+        self._room_again()
+
+    def _room_again(self) -> None:
+        """Accept again if the limit had stopped us."""
         if self.limits.room_again(len(self.ctx.table)) and not self.backing_off:
             self.watcher.start(self._on_readable)
 

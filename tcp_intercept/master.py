@@ -43,6 +43,7 @@ STOP_TIMEOUT = 10.0    # seconds workers get to close their connections before K
 RESPAWN_DELAY = 1.0    # a worker failing to start is replaced after this long
 YOUNG = 1.0            # seconds: twice in a row dying this soon is failing to start
 CHECK_POLL = 0.05      # seconds between looks at an upgrade's check
+FLUSH_WAIT = 0.2       # seconds the workers get to write out their log lines
 
 
 @dataclass(eq=False)
@@ -59,6 +60,14 @@ class WorkerHandle:
     # Draining, with limits: its connections per client address, which
     # count against the limits of the worker now serving its number.
     held: Counter = field(default_factory=Counter)
+
+
+@dataclass(eq=False)
+class _Barrier:
+    """Master._in_order(): the workers still to answer FLUSHED, and what then."""
+    waiting: set[int]
+    then: Callable[[], None]
+    timer: object
 
 
 @dataclass
@@ -110,6 +119,7 @@ class Master:
         self.stop_timer = self.loop.timer(STOP_TIMEOUT)
         self.check: handover.Check | None = None  # SIGUSR2's check, while it runs
         self.check_timer = self.loop.timer(CHECK_POLL, CHECK_POLL)
+        self.flushing: list[_Barrier] = []  # signals waiting for the workers' log lines
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
                                 (signal.SIGTERM, self._on_exit_signal),
@@ -205,6 +215,8 @@ class Master:
         if handle.state == State.STARTING and line == Word.READY:
             handle.state = State.SERVING
             self._check_ready()
+        elif line == Word.FLUSHED:
+            self._flushed(handle.pid)
         elif (counted := parse_count(line)) is not None:
             self._pass_on(handle, line, *counted)
         elif handle.conns_waiting:
@@ -295,6 +307,9 @@ class Master:
 
     # SIGUSR2: exec the installed program in place, handing it everything.
     def _on_usr2(self, signum: int) -> None:
+        self._in_order(self._upgrade)
+
+    def _upgrade(self) -> None:
         if self.upgrading or self.check is not None or self.stopping:
             log.warning("Received SIGUSR2, but {}: ignored",
                         "the daemon is stopping" if self.stopping else
@@ -354,8 +369,40 @@ class Master:
 
     # -- signals -------------------------------------------------------------------
 
+    def _in_order(self, then: Callable[[], None]) -> None:
+        """then() once every worker of ours has written out the log lines it
+        holds (up to logs.FLUSH_DELAY old), or FLUSH_WAIT has passed: the
+        line then() logs about a signal stands after what came before it.
+        (A replaced program's old workers may not know FLUSH: not asked.)"""
+        asked = [h for h in self.workers.values()
+                 if h.state in (State.STARTING, State.SERVING) and not h.channel.closed]
+        if not asked:
+            then()
+            return
+        barrier = _Barrier({h.pid for h in asked}, then, self.loop.timer(FLUSH_WAIT))
+        self.flushing.append(barrier)
+        for handle in asked:
+            handle.channel.send(Word.FLUSH)
+        barrier.timer.start(lambda: self._end_barrier(barrier))
+
+    def _flushed(self, pid: int) -> None:
+        for barrier in list(self.flushing):
+            barrier.waiting.discard(pid)
+            if not barrier.waiting:
+                self._end_barrier(barrier)
+
+    def _end_barrier(self, barrier: _Barrier) -> None:
+        if barrier in self.flushing:
+            self.flushing.remove(barrier)
+            barrier.timer.stop()
+            barrier.timer.close()
+            barrier.then()
+
     # SIGUSR1: show info and show conns, into the log.
     def _on_usr1(self, signum: int) -> None:
+        self._in_order(self._dump)
+
+    def _dump(self) -> None:
         log.info("Received SIGUSR1, writing show info and show conns to the log")
         for line in self.status.info_lines():
             log.info("show info: {}", line)
@@ -363,6 +410,9 @@ class Master:
 
     # SIGINT, SIGTERM: every worker closes its connections; we wait for them.
     def _on_exit_signal(self, signum: int) -> None:
+        self._in_order(lambda: self._exit(signum))
+
+    def _exit(self, signum: int) -> None:
         log.info("Received {}, exiting", signal.Signals(signum).name)
         self._stop()
 
@@ -394,6 +444,9 @@ class Master:
 
     # SIGHUP: logrotate moved the log file away; every process reopens it.
     def _on_hup(self, signum: int) -> None:
+        self._in_order(self._reopen)
+
+    def _reopen(self) -> None:
         self.logs.reopen()
         for handle in self.workers.values():
             _kill(handle.pid, signal.SIGHUP)
@@ -402,7 +455,8 @@ class Master:
         log.opt(exception=err).error("Unexpected error in {}", context)
 
     def _close(self) -> None:
-        for watcher in (*self.signals, self.respawn, self.stop_timer, self.check_timer):
+        for watcher in (*self.signals, self.respawn, self.stop_timer, self.check_timer,
+                        *(barrier.timer for barrier in self.flushing)):
             watcher.stop()
             watcher.close()
         for server in (self.control, self.metrics_endpoint):

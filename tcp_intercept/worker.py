@@ -61,18 +61,16 @@ class Worker:
             share = config.max_connections and \
                 limits_share(config.max_connections, config.workers, number)
             limits = Limits(ctr, share, config.max_per_client)
-            self.ctx.on_close = self._on_close
         self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx, limits)
         self.channel = Channel(self.loop, channel_sock, self._on_command, self._on_master_gone)
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
         self.drain_timer = None
-        self.draining = False
         self.conns_asked = 0  # "conns" requests not answered in full yet
         self.conns_from: int | None = None
         self.conns_to = -1
         self.conns_now = 0.0
         self.conns_timer = self.loop.timer(0.0)
-        self.status = 0
+        self.exit_status = 0
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
                                 (signal.SIGTERM, self._on_exit_signal),
@@ -94,7 +92,7 @@ class Worker:
         self.channel.send(Word.READY)
         self.loop.run()
         self._close()
-        return self.status
+        return self.exit_status
 
     # -- what the master says ------------------------------------------------
 
@@ -105,6 +103,9 @@ class Worker:
                 self._begin_conns()
         elif line == Word.DRAIN:
             self._drain()
+        elif line == Word.FLUSH:
+            self.logs.flush()
+            self.channel.send(Word.FLUSHED)
         elif (counted := parse_count(line)) is not None:
             self._predecessor(*counted)
         else:
@@ -117,15 +118,14 @@ class Worker:
         if self.listener is None or self.listener.limits is None:
             return
         if word == Word.HELD:
-            self.listener.limits.inherit(address, count)
+            self.listener.inherit(address, count)
         else:
-            self.listener.limits.forget(address, count)
-            self.listener.room_again()
+            self.listener.forget(address, count)
 
     # EOF on the channel: the master died (it never closes it otherwise).
     def _on_master_gone(self) -> None:
         log.error("The master process is gone; closing every connection and exiting")
-        self.status = 1
+        self.exit_status = 1
         self.loop.stop()
 
     def _drain(self) -> None:
@@ -139,9 +139,9 @@ class Worker:
                                 for address, count in held.items()))
         if self.listener is None:
             return
-        self.listener.close()
+        # Our connections no longer count for our successor as they close.
+        self.listener.close(self._closed_while_draining if self.limited else None)
         self.listener = None
-        self.draining = True
         self.table.on_empty = self.loop.stop
         if not len(self.table):
             self.loop.stop()
@@ -178,13 +178,8 @@ class Worker:
         if self.conns_asked:
             self._begin_conns()
 
-    def _on_close(self, connection) -> None:
-        """--max-connections, --max-per-client: a connection closed."""
-        if self.listener is not None:
-            self.listener.limits.release(connection.peer[0])
-            self.listener.room_again()
-        elif self.draining:  # it no longer counts for our successor
-            self.channel.send(count_line(Word.CLOSED, connection.peer[0], 1))
+    def _closed_while_draining(self, address: str) -> None:
+        self.channel.send(count_line(Word.CLOSED, address, 1))
 
     # -- signals ----------------------------------------------------------------
 

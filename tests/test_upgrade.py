@@ -122,8 +122,8 @@ def test_a_broken_install_leaves_the_old_daemon_serving(topo, peers, start_daemo
     if breakage == "import error":
         (install / "tcp_intercept" / "worker.py").write_text("raise ImportError('broken')\n")
     else:  # a program that no longer takes an option of the running command line
-        cli = install / "tcp_intercept" / "cli.py"
-        cli.write_text(cli.read_text().replace('"control=", ', ""))
+        config = install / "tcp_intercept" / "config.py"
+        config.write_text(config.read_text().replace('("--control",)', '("--kontrol",)'))
     daemon.signal(signal.SIGUSR2)
     [line] = daemon.wait_log("Upgrade aborted, this program goes on")
     assert ("ImportError: broken" if breakage == "import error" else "control") in line, line

@@ -137,3 +137,22 @@ def test_a_worker_that_cannot_start_fails_the_launch_with_71(topo, start_daemon,
     assert "RuntimeError: planted: this worker cannot start" in daemon.output()
     assert not daemon.pid_path.exists()
     assert "5000" not in topo.run(topo.rtr, "ss", "-Htln").stdout
+
+
+def test_the_masters_line_about_a_signal_stands_after_the_workers_earlier_lines(
+        topo, peers, start_daemon):
+    """The workers hold their connection lines up to 50 ms (logs.py); at a
+    signal the master has them written out before its own line."""
+    daemon = start_daemon("-w", "2", log_file=True)
+    wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
+    for n in range(20):
+        data = payload(100, seed=n)
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+            # The client's EOF comes from the callback that closes (and logs).
+            assert exchange(sock, data) == (100, sha256(data), "eof")
+    daemon.signal(signal.SIGUSR1)  # at once: the last lines are still held
+    daemon.wait_log("show conns: # worker")
+    text = daemon.log_path.read_text().splitlines()
+    received = next(i for i, line in enumerate(text) if "Received SIGUSR1" in line)
+    closed = [i for i, line in enumerate(text) if line.endswith(": closed")]
+    assert len(closed) == 20 and max(closed) < received, "\n".join(text[-30:])
