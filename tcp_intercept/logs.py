@@ -50,6 +50,20 @@ SYSLOG_PRIORITY = {"INFO": 30, "WARNING": 28, "ERROR": 27, "CRITICAL": 26, "DEBU
 LOG_FILE_MODE = 0o640
 
 
+def _adder(level: str):
+    """Log.info, .warning, .error: _stamp()'s line, with _stamp() inlined,
+    for they run six times per connection (a call less is a quarter of a
+    line's cost; tests/test_logs.py checks both make the same line)."""
+    def add(self: Log, text: str) -> None:
+        now = _now()
+        second = int(now)
+        if second != _second:
+            _new_second(second)
+        self._added(f"{_prefix}{_MILLISECONDS[int((now - second) * 1000)]}{level}: {text}\n")
+    add.__name__ = level.lower()
+    return add
+
+
 class Log:
     """Where this process's log goes: the file (`path`), else stderr in the
     foreground, else syslog once detached. info()/warning()/error() are the
@@ -141,7 +155,11 @@ class Log:
             self._flusher = None
             self._pending = False
 
-    # -- the fast path: info(), warning(), error(), made by _adder() below ---
+    # -- the fast path: info(), warning(), error() -----------------------------
+
+    info = _adder("INFO")
+    warning = _adder("WARNING")
+    error = _adder("ERROR")
 
     def _added(self, line: str) -> None:
         self._lines.append(line)
@@ -178,25 +196,6 @@ class Log:
             self._lines = self._target.write(lines)
             if self._lines and self._flusher is not None:
                 self._flush_later()
-
-
-def _adder(level: str):
-    """Log.info, .warning, .error: _stamp()'s line, with _stamp() inlined,
-    for they run six times per connection (a call less is a quarter of a
-    line's cost; tests/test_logs.py checks both make the same line)."""
-    def add(self: Log, text: str) -> None:
-        now = _now()
-        second = int(now)
-        if second != _second:
-            _new_second(second)
-        self._added(f"{_prefix}{_MILLISECONDS[int((now - second) * 1000)]}{level}: {text}\n")
-    add.__name__ = level.lower()
-    return add
-
-
-Log.info = _adder("INFO")
-Log.warning = _adder("WARNING")
-Log.error = _adder("ERROR")
 
 
 class _Target:
