@@ -13,6 +13,7 @@ EX_OK = 0
 EX_FAILED = 1  # tcp-intercept-ctl: the daemon did not answer, or answered ERROR
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_SOFTWARE = 70  # a worker that failed with an unexpected exception
 EX_OSERR = 71
 
 

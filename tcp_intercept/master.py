@@ -33,7 +33,7 @@ from .config import Config
 from .control import Control, remove_control_socket
 from .counters import PID, WORKER_RESTARTS, Board
 from .detach import notify
-from .errors import EX_OSERR
+from .errors import EX_OSERR, EX_SOFTWARE
 from .evloop import Loop
 from .logs import Log
 from .status import Status
@@ -209,7 +209,7 @@ class Master:
             return worker.run()
         except BaseException:
             log.opt(exception=True).error("Worker {} failed", number)
-            return 70
+            return EX_SOFTWARE
 
     def _on_line(self, handle: WorkerHandle, line: str) -> None:
         if handle.state == State.STARTING and line == Word.READY:
