@@ -138,9 +138,12 @@ class Connection:
                          if not ctx.spoof_client else
                          # Our side is the client's address: the id again.
                          f"{self.id}: Connecting {self.id}")
-        self.sw = ctx.loop.io(server.fileno(), WRITE)
-        self.smask = WRITE
-        self.sw.start(self._on_connected)
+        # READ too: then WRITE alone says the handshake succeeded (an error
+        # comes as EPOLLERR, which libev reports as READ and WRITE), and
+        # SO_ERROR is asked only when READ came too.
+        self.sw = ctx.loop.borrow_io(server.fileno(), READ | WRITE)
+        self.smask = READ | WRITE
+        self.sw.start(self._on_connected, EVENTS)
         if ctx.on_connecting is not None:
             ctx.on_connecting(self)
 
@@ -154,14 +157,15 @@ class Connection:
         except (OSError, AttributeError):
             return "-"
 
-    def _on_connected(self) -> None:
+    def _on_connected(self, events: int) -> None:
         if self.closed:
             return
         self.sw.stop()  # re-armed by _update, with the relaying callback
         self.smask = 0
         self.active = self.ctx.loop.now()  # count
         try:
-            error = self.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            error = events != WRITE and self.server.getsockopt(socket.SOL_SOCKET,
+                                                               socket.SO_ERROR)
             if error:
                 self._connect_failed(error, strerror(error))
                 return
@@ -170,7 +174,8 @@ class Connection:
             pool, ctr = self.ctx.pool, self.ctx.ctr
             self.c2s = Relay(self.client, self.server, "C>S", pool, ctr, counters.BYTES_C2S)
             self.s2c = Relay(self.server, self.client, "S>C", pool, ctr, counters.BYTES_S2C)
-            self.cw = self.ctx.loop.io(self.client.fileno(), READ)
+            self.c2s.other, self.s2c.other = self.s2c, self.c2s
+            self.cw = self.ctx.loop.borrow_io(self.client.fileno(), READ)
         except Exception as err:
             self._fail(None, err)
             return
@@ -258,11 +263,11 @@ class Connection:
         self.closed = True
         for watcher in (self.cw, self.sw):
             if watcher is not None:
-                watcher.stop()
-                watcher.close()
+                self.ctx.loop.park(watcher)
         if self.c2s is not None:
             self.c2s.release()
             self.s2c.release()
+            self.c2s.other = self.s2c.other = None  # no cycle left for the collector
         self.client.close()
         if self.server is not None:
             self.server.close()

@@ -11,7 +11,11 @@ this binding (its expiry is not re-based): restartable timers repeat, and are
 stopped when not wanted.
 
 A watcher must be close()d when its owner is done with it: gevent allocates
-the native ev_io outside Python's heap, and only close() frees it.
+the native ev_io outside Python's heap, and only close() frees it. The io
+watchers of connections are parked instead (park()) and re-pointed at the
+next connection's descriptors (borrow_io()): creating one costs an
+allocation and an fcntl() (gevent checks the descriptor), re-pointing one
+neither.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ READ = corecext.READ
 WRITE = corecext.WRITE
 # Passed as a callback argument, replaced by the events that fired.
 EVENTS = corecext.EVENTS
+PARKED_MAX = 4096  # io watchers kept for reuse; more are closed
 
 
 class Loop:
     """One libev loop (epoll) and the watchers that run on it."""
 
-    __slots__ = ("_loop", "on_error", "now")
+    __slots__ = ("_loop", "on_error", "now", "_parked")
 
     def __init__(self, on_error: Callable[[object, BaseException], None] | None = None):
         # Not libev's default loop: that one also reaps children for gevent.
@@ -40,9 +45,28 @@ class Loop:
         # now(): the wall-clock time at the start of this loop iteration
         # (libev's ev_now), called per event: the C method itself.
         self.now = self._loop.now
+        self._parked: list = []
 
     def io(self, fd: int, events: int):
         return self._loop.io(fd, events)
+
+    def borrow_io(self, fd: int, events: int):
+        """An io watcher for fd: a parked one re-pointed, else a new one."""
+        if self._parked:
+            watcher = self._parked.pop()
+            watcher.fd = fd
+            watcher.events = events
+            return watcher
+        return self._loop.io(fd, events)
+
+    def park(self, watcher) -> None:
+        """Stop a borrowed watcher (its descriptor may be closed right after)
+        and keep it for a later borrow_io()."""
+        watcher.stop()
+        if len(self._parked) < PARKED_MAX:
+            self._parked.append(watcher)
+        else:
+            watcher.close()
 
     def timer(self, after: float, repeat: float = 0.0):
         return self._loop.timer(after, repeat)
@@ -58,6 +82,9 @@ class Loop:
         self._loop.break_()
 
     def destroy(self) -> None:
+        for watcher in self._parked:
+            watcher.close()
+        self._parked.clear()
         self._loop.destroy()
 
     # Called by gevent for an exception that escaped a callback.

@@ -15,7 +15,8 @@ States, as seen by the connection that owns the relay:
             only until the pipe is full
   eof       src said EOF; once the waiting bytes are out, dst gets
             shutdown(SHUT_WR) and the relay is `done` (half-close: the other
-            direction goes on)
+            direction goes on); when the other is done already, the
+            connection's close() says the FIN instead
 Errors are not handled here: an OSError leaves the relay and the connection
 decides (it resets both sides).
 """
@@ -45,7 +46,8 @@ def interest(inbound: Relay, outbound: Relay) -> int:
 
 class Relay:
     __slots__ = ("src", "dst", "name", "pool", "pipe", "inpipe", "pending",
-                 "full", "eof", "done", "can_splice", "busy", "moved", "ctr", "counter")
+                 "full", "eof", "done", "can_splice", "busy", "moved", "ctr", "counter",
+                 "other")
 
     def __init__(self, src: socket.socket, dst: socket.socket, name: str, pool: PipePool,
                  ctr: memoryview, counter: int):
@@ -64,6 +66,7 @@ class Relay:
         self.done = False
         self.can_splice = True
         self.busy = False         # spliced since the pool's last reclaim()
+        self.other: Relay | None = None  # the other direction, once both exist
 
     @property
     def writing(self) -> bool:
@@ -169,6 +172,11 @@ class Relay:
     def _shutdown(self) -> None:
         self.release()
         self.done = True
+        if self.other is not None and self.other.done:
+            # Both directions are done: the connection closes both sockets
+            # now, and close() sends this FIN (dst has nothing left unread:
+            # its reader saw EOF, so no reset).
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
