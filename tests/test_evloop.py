@@ -87,3 +87,37 @@ def test_a_repeating_timer_stopped_and_started_again_waits_its_interval():
     for watcher in (timer, restart):
         watcher.close()
     loop.destroy()
+
+
+def test_a_parked_watcher_serves_the_next_descriptor_even_with_the_same_number():
+    """Connections park their io watchers and borrow them again for new
+    sockets: often the same descriptor number, a new socket behind it."""
+    loop = Loop()
+    a, b = socket.socketpair()
+    watcher = loop.borrow_io(a.fileno(), READ)
+    watcher.start(lambda: None)
+    loop.park(watcher)
+    number = a.fileno()
+    a.close()
+    b.close()
+    c, d = socket.socketpair()
+    if c.fileno() != number:  # make the new socket take the old number
+        os.dup2(c.fileno(), number)
+        c.close()
+        c = socket.socket(fileno=number)
+    again = loop.borrow_io(number, READ)
+    assert again is watcher, "the parked watcher was not reused"
+    seen = []
+
+    def fired(events):
+        seen.append(events)
+        again.stop()
+
+    again.start(fired, EVENTS)
+    d.send(b"x")
+    loop.run()
+    assert seen == [READ]
+    loop.park(again)
+    c.close()
+    d.close()
+    loop.destroy()
