@@ -1,6 +1,9 @@
 """The channel between the master and one worker: a socketpair, lines of text.
 
-    master -> worker   "conns"  answer with one line per connection, oldest
+    master -> worker   "ping"   answer "pong" (liveness.py: a worker whose
+                                loop does not answer within a second is
+                                killed and replaced)
+                       "conns"  answer with one line per connection, oldest
                                 first, then an empty line
                        "drain"  stop accepting; exit once the last
                                 connection is gone (or --drain-timeout)
@@ -12,6 +15,7 @@
                                 "flushed" (the master's line about a
                                 signal then stands after them)
     worker -> master   "ready"  once, when the worker's loop runs
+                       "pong"   at once after "ping" (also amid an answer)
                        the answer to "conns"
                        "held ADDRESS N"   after "drain", with limits: what
                                 it holds, per client address
@@ -38,6 +42,8 @@ class Word(enum.StrEnum):
     """The first word of every line on the channel, but for an answer's lines
     (which the master reads as such while it waits for one)."""
     READY = "ready"
+    PING = "ping"
+    PONG = "pong"
     CONNS = "conns"
     DRAIN = "drain"
     HELD = "held"
@@ -66,6 +72,7 @@ class State(enum.StrEnum):
     OLD = "old"             # a replaced program's, serving until ours do
     DRAINING = "draining"   # told DRAIN: accepts no more, ends with its last connection
     STOPPING = "stopping"   # sent SIGTERM
+    HUNG = "hung"           # stopped answering PING: killed, to be replaced
 
 
 class Channel:

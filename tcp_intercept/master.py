@@ -11,7 +11,12 @@ Signals (each handler below says the same):
                    which starts new workers and drains the old ones
   SIGCHLD          reap workers; one that died unasked is replaced
 
-Worker states: channel.State (starting, serving, old, draining, stopping).
+A timer pings the serving workers (liveness.py): one that stops answering
+is killed and replaced; while all answer, the master's heartbeat goes to
+systemd's watchdog and to the firewall (tproxy.sh's iptables rules).
+
+Worker states: channel.State (starting, serving, old, draining, stopping,
+hung).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .counters import PID, WORKER_RESTARTS, Board
 from .detach import notify
 from .errors import EX_OSERR, EX_SOFTWARE
 from .evloop import Loop
+from .liveness import PING_EVERY, Heartbeat, Pinger
 from .logs import Log
 from .status import Status
 from .worker import Worker
@@ -55,6 +61,7 @@ class WorkerHandle:
     channel: Channel | None = None
     state: State = State.STARTING
     started: float = 0.0
+    pinged: float | None = None  # when its unanswered ping went
     conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
     conns_lines: list = field(default_factory=list)
     # Draining, with limits: its connections per client address, which
@@ -120,6 +127,9 @@ class Master:
         self.check: handover.Check | None = None  # SIGUSR2's check, while it runs
         self.check_timer = self.loop.timer(CHECK_POLL, CHECK_POLL)
         self.flushing: list[_Barrier] = []  # signals waiting for the workers' log lines
+        self.pinger = Pinger(self._on_hung)
+        self.heartbeat = Heartbeat(config.listen.port)
+        self.tick_timer = self.loop.timer(PING_EVERY, PING_EVERY)
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
                                 (signal.SIGTERM, self._on_exit_signal),
@@ -141,6 +151,7 @@ class Master:
         for number in range(1, self.config.workers + 1):
             self._spawn(number)
         self.logs.attach(self.loop)
+        self.tick_timer.start(self._on_tick)
         self.loop.run()
         self._close()
 
@@ -212,7 +223,9 @@ class Master:
             return EX_SOFTWARE
 
     def _on_line(self, handle: WorkerHandle, line: str) -> None:
-        if handle.state == State.STARTING and line == Word.READY:
+        if line == Word.PONG:
+            Pinger.pong(handle)
+        elif handle.state == State.STARTING and line == Word.READY:
             handle.state = State.SERVING
             self._check_ready()
         elif line == Word.FLUSHED:
@@ -248,6 +261,24 @@ class Master:
         if self.on_ready is not None:
             on_ready, self.on_ready = self.on_ready, None
             on_ready(0, "")
+
+    def _on_tick(self) -> None:
+        """Ping the workers; the heartbeat if every worker number is served
+        by a worker that answers (or, during an upgrade, by the old one)."""
+        if self.stopping:
+            return
+        serving = [h for h in self.workers.values() if h.state == State.SERVING]
+        answering = self.pinger.tick(serving, self.loop.now())
+        served = len(serving) >= self.config.workers or \
+            (self.upgrading and any(h.state == State.OLD for h in self.workers.values()))
+        if answering and served:
+            self.heartbeat.beat()
+
+    def _on_hung(self, handle: WorkerHandle, silent: float) -> None:
+        log.error("Worker {} (pid {}) has not answered for {:.1f} s; killing it",
+                  handle.number, handle.pid, silent)
+        handle.state = State.HUNG  # replaced when SIGCHLD says it is gone
+        _kill(handle.pid, signal.SIGKILL)
 
     # SIGCHLD: one or more workers exited.
     def _on_child(self, signum: int) -> None:
@@ -331,6 +362,7 @@ class Master:
         log.info("The installed program starts: handing over to it (pid {} stays)", os.getpid())
         notify("RELOADING=1")
         self.logs.flush()
+        self.heartbeat.beat()  # the longest silence the new program may take
         err = handover.exec_new(self.command, self._handover())
         notify("READY=1")
         log.error("Upgrade aborted, this program goes on: exec {}: {}", self.command[0],
@@ -456,9 +488,10 @@ class Master:
 
     def _close(self) -> None:
         for watcher in (*self.signals, self.respawn, self.stop_timer, self.check_timer,
-                        *(barrier.timer for barrier in self.flushing)):
+                        self.tick_timer, *(barrier.timer for barrier in self.flushing)):
             watcher.stop()
             watcher.close()
+        self.heartbeat.close()
         for server in (self.control, self.metrics_endpoint):
             if server is not None:
                 server.close()

@@ -1,6 +1,6 @@
 """A worker: one process, one libev loop, accepting on its listener and
 relaying the connections it accepted. It knows of the master only its
-channel (ready, conns, drain) and its slot of counters.
+channel (ready, ping, conns, drain) and its slot of counters.
 
 Life of a worker:
   serving   accepting and relaying
@@ -97,7 +97,9 @@ class Worker:
     # -- what the master says ------------------------------------------------
 
     def _on_command(self, line: str) -> None:
-        if line == Word.CONNS:
+        if line == Word.PING:  # the loop runs (liveness.py)
+            self.channel.send(Word.PONG)
+        elif line == Word.CONNS:
             self.conns_asked += 1
             if self.conns_asked == 1:
                 self._begin_conns()

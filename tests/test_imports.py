@@ -16,7 +16,7 @@ PATH = {"listener", "limits", "connection", "relay", "pipes", "table", "timeouts
         "descriptors", "steering", "sockopts", "address", "config", "evloop", "errors",
         "counters", "logs"}
 PROCESSES = {"cli", "startup", "master", "worker", "channel", "handover", "privileges",
-             "detach"}
+             "detach", "liveness"}
 OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl"}
 
 pytestmark = pytest.mark.unit
