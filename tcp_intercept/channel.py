@@ -16,6 +16,9 @@
                                 signal then stands after them)
     worker -> master   "ready"  once, when the worker's loop runs
                        "pong"   at once after "ping" (also amid an answer)
+                       "full", "room"  --when-full bypass: it stopped
+                                listening at --max-connections, and
+                                listens again
                        the answer to "conns"
                        "held ADDRESS N"   after "drain", with limits: what
                                 it holds, per client address
@@ -44,6 +47,8 @@ class Word(enum.StrEnum):
     READY = "ready"
     PING = "ping"
     PONG = "pong"
+    FULL = "full"
+    ROOM = "room"
     CONNS = "conns"
     DRAIN = "drain"
     HELD = "held"

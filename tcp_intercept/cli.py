@@ -86,6 +86,13 @@ def _check(flags: dict) -> None:
     if flags.get("max_connections", 1 << 31) < flags.get("workers", 1):
         raise UsageError("--max-connections: every worker needs a share of at least one "
                          "connection; give at least as many as --workers")
+    if flags.get("when_full") == "bypass" and flags.get("max_per_client") \
+            and flags.get("workers", 1) > 1:
+        # A socket that stops listening leaves the SO_REUSEPORT group and
+        # comes back last: the program steering clients to workers by
+        # address would then send a client's connections elsewhere.
+        raise UsageError("--when-full bypass with --max-per-client needs one worker (-w 1): "
+                         "a worker that stops listening would move clients between workers")
     mptcp = flags.get("mptcp") or flags.get("mptcp_listen")
     if mptcp and not sockopts.mptcp_available():
         raise UsageError("Multipath TCP is not available: the kernel lacks it "

@@ -101,6 +101,16 @@ def _metrics(option: str, text: str) -> Address:
     return addr
 
 
+# --when-full: what a worker at its share of --max-connections does (limits.py).
+QUEUE, RESET, BYPASS = "queue", "reset", "bypass"
+
+
+def _when_full(option: str, text: str) -> str:
+    if text not in (QUEUE, RESET, BYPASS):
+        raise UsageError(f"{option}: {text!r} is not queue, reset or bypass")
+    return text
+
+
 TEXT = _value(lambda option, text: text)
 SECONDS = _value(_seconds)
 COUNT = _value(_count)
@@ -176,6 +186,11 @@ class Config:
     max_connections: int | None = _opt(None, Option(
         ("--max-connections",), "At most n connections at once; the next clients wait in "
         "the kernel's backlog", "n", COUNT))
+    when_full: str = _opt(QUEUE, Option(
+        ("--when-full",), "At --max-connections: queue (the next clients wait in the "
+        "kernel's backlog), reset (they are reset at once) or bypass (a full worker stops "
+        "listening; while every worker is full, the interception rules let new connections "
+        "pass the proxy, as when the daemon is down)", "mode", _value(_when_full)))
     max_per_client: int | None = _opt(None, Option(
         ("--max-per-client",), "At most n connections at once from one client address; "
         "more are reset", "n", COUNT))

@@ -46,6 +46,11 @@ FAMILIES = {
     "connections_closed": ("counter", "Connections closed, by how they ended", "how"),
     "bytes": ("counter", "Bytes relayed, by direction (c2s: client to server)", "direction"),
     "worker_restarts": ("counter", "Workers that died and were replaced", None),
+    "connections_full_reset": ("counter", "Connections reset at --max-connections "
+                               "(--when-full reset)", None),
+    "full_bypass_periods": ("counter", "Times a worker at its share of --max-connections "
+                            "stopped listening (--when-full bypass); while every worker "
+                            "has, new connections pass the proxy unseen", None),
     "pipes": ("gauge", "Kernel pipes of the pipe pools, lent to a relay or free", "state"),
 }
 FIELDS: list[Field] = []
@@ -78,6 +83,8 @@ PIPES_LENT = _declare("Pipes_lent", "pipes", "lent")
 PIPES_FREE = _declare("Pipes_free", "pipes", "free")
 PID = _declare(None)  # the slot's owner
 IN_USE = _declare(None)
+FULL_RESET = _declare("Full_reset", "connections_full_reset")
+FULL_BYPASS_PERIODS = _declare("Full_bypass_periods", "full_bypass_periods")
 
 # The fields that add up over time (the others are gauges: the state now).
 COUNTERS = tuple(index for index, field in enumerate(FIELDS)

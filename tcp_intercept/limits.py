@@ -1,8 +1,19 @@
 """--max-connections and --max-per-client, as one worker applies them.
 
-At its share of --max-connections a worker stops accepting: the kernel's
-backlog holds the next clients, who wait and are served as soon as a
-connection closes. With several workers each takes an equal share (so the
+At its share of --max-connections a worker does what --when-full says
+(the listener does it):
+  queue   stop accepting: the kernel's backlog holds the next clients, who
+          wait and are served as soon as a connection closes (the original);
+  reset   go on accepting, and reset each new connection at once;
+  bypass  stop listening (shutdown() of the listening socket, listen() again
+          once a connection closes; the connections then waiting in its
+          backlog are reset): the kernel gives the worker's share to the
+          other workers, and while none listens the interception rules let
+          new connections pass the proxy to their servers (tproxy.sh: nft's
+          tproxy passes what no socket takes; for iptables the master holds
+          back its heartbeat while every worker is full). The daemon never
+          sees those connections: it counts the times it stood aside.
+With several workers each takes an equal share (so the
 sum is never exceeded); as connections are spread evenly over the workers,
 the shares fill together.
 
@@ -28,9 +39,12 @@ from __future__ import annotations
 from loguru import logger as log
 
 from . import counters
+from .config import BYPASS, QUEUE, RESET
 
 LOG_EVERY = 1.0        # seconds between two lines about one address
 FORGET_AFTER = 4096    # addresses remembered for that before the old are dropped
+_WHILE_FULL = {QUEUE: "not accepting", RESET: "resetting new connections",
+               BYPASS: "not listening (new connections pass the proxy)"}
 
 
 def share(total: int, workers: int, number: int) -> int:
@@ -40,17 +54,18 @@ def share(total: int, workers: int, number: int) -> int:
 
 class Limits:
     __slots__ = ("ctr", "max_connections", "max_per_client", "per_client", "refused",
-                 "logged", "full", "inherited", "inherited_from")
+                 "logged", "full", "inherited", "inherited_from", "when_full")
 
     def __init__(self, ctr: memoryview, max_connections: int | None,
-                 max_per_client: int | None):
+                 max_per_client: int | None, when_full: str = QUEUE):
         self.ctr = ctr
+        self.when_full = when_full
         self.max_connections = max_connections
         self.max_per_client = max_per_client
         self.per_client: dict[str, int] = {}
         self.refused: dict[str, int] = {}    # refusals not logged yet, per address
         self.logged: dict[str, float] = {}   # when an address was last logged
-        self.full = False                    # at max_connections, not accepting
+        self.full = False                    # at max_connections
         self.inherited = 0                   # open in the worker this one succeeds
         self.inherited_from: dict[str, int] = {}  # the same, per address
 
@@ -62,8 +77,8 @@ class Limits:
         if not self.full:
             self.full = True
             self.ctr[counters.LIMITED_MAX_CONNECTIONS] += 1
-            log.warning("Reached --max-connections ({} open here): not accepting "
-                        "until a connection closes", open_now)
+            log.warning("Reached --max-connections ({} open here): {} until a connection "
+                        "closes", open_now, _WHILE_FULL[self.when_full])
         return True
 
     def room_again(self, open_now: int) -> bool:
@@ -114,6 +129,10 @@ class Limits:
             self.inherited_from[address] = held - count
         else:
             self.inherited_from.pop(address, None)
+
+    @property
+    def bypass(self) -> bool:
+        return self.when_full == BYPASS
 
     def _say(self, address: str, now: float) -> None:
         count = self.refused.pop(address)

@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 from loguru import logger as log
 
+from . import counters
 from .address import Address, format_sockaddr
+from .config import RESET
 from .connection import Connection, Context, reset_on_close
 from .evloop import READ
 from .limits import Limits
@@ -71,7 +73,8 @@ class Listener:
     connection and releases it when it closes (ctx.on_close). Once closed
     (a draining worker), each release goes to the after_close given to close()."""
     __slots__ = ("sock", "ctx", "port", "host", "wildcard", "watcher", "timer",
-                 "backing_off", "limits", "closed", "after_close")
+                 "backing_off", "limits", "closed", "after_close",
+                 "on_bypass")
 
     def __init__(self, sock: socket.socket, addr: Address, ctx: Context,
                  limits: Limits | None = None):
@@ -89,8 +92,12 @@ class Listener:
         # Repeating: gevent's binding fires a restarted one-shot timer at once.
         self.timer = ctx.loop.timer(BACKOFF, BACKOFF)
         self.backing_off = False
+        self.on_bypass = None  # on_bypass(True or False) when it stops or resumes listening
 
     def start(self) -> None:
+        # A worker that died while standing aside (--when-full bypass) left
+        # the socket not listening: its successor listens again.
+        self.sock.listen(socket.SOMAXCONN)
         self.watcher.start(self._on_readable)
 
     def close(self, after_close: Callable[[str], None] | None = None) -> None:
@@ -108,8 +115,9 @@ class Listener:
         accept = self.sock._accept
         limits = self.limits
         for _ in range(ACCEPT_BATCH):
-            if limits is not None and limits.reached(len(self.ctx.table)):
-                self.watcher.stop()  # started again by room_again()
+            full = limits is not None and limits.reached(len(self.ctx.table))
+            if full and limits.when_full != RESET:
+                self._stand_by()
                 return
             try:
                 fd, peer = accept()
@@ -124,8 +132,30 @@ class Listener:
                 self.backing_off = False
                 self.timer.stop()
                 log.info("Accepting connections again ({} open)", len(self.ctx.table))
-            if not self._take(fd, peer):
+            if full:  # --when-full reset
+                self._reset(fd)
+            elif not self._take(fd, peer):
                 return
+
+    def _stand_by(self) -> None:
+        """At --max-connections: stop accepting (queue) and, with bypass,
+        listening; _room_again() undoes both."""
+        self.watcher.stop()
+        if self.limits.bypass:
+            try:
+                self.sock.shutdown(socket.SHUT_RD)
+            except OSError as err:
+                log.error("Cannot stop listening (--when-full bypass): {}", err.strerror)
+                return
+            self.ctx.ctr[counters.FULL_BYPASS_PERIODS] += 1  # count
+            if self.on_bypass is not None:
+                self.on_bypass(True)
+
+    def _reset(self, fd: int) -> None:
+        client = _socket.socket(self.sock.family, socket.SOCK_STREAM, self.sock.proto, fd)
+        reset_on_close(client)
+        client.close()
+        self.ctx.ctr[counters.FULL_RESET] += 1  # count
 
     def _take(self, fd: int, peer: tuple) -> bool:
         """Relay the accepted connection, or drop it; False: stop accepting now."""
@@ -172,8 +202,14 @@ class Listener:
         self._room_again()
 
     def _room_again(self) -> None:
-        """Accept again if the limit had stopped us."""
-        if self.limits.room_again(len(self.ctx.table)) and not self.backing_off:
+        """Accept (and with bypass, listen) again if the limit had stopped us."""
+        if not self.limits.room_again(len(self.ctx.table)):
+            return
+        if self.limits.bypass:
+            self.sock.listen(socket.SOMAXCONN)
+            if self.on_bypass is not None:
+                self.on_bypass(False)
+        if not self.backing_off and not self.watcher.active:
             self.watcher.start(self._on_readable)
 
     def _aimed_at_us(self, dst: tuple) -> bool:

@@ -54,10 +54,12 @@ class Heartbeat:
             sock.setblocking(False)
             self.socks.append((sock, address))
 
-    def beat(self) -> None:
+    def beat(self, firewall: bool = True) -> None:
+        """To systemd; and to the firewall unless firewall is False (every
+        worker stands aside: --when-full bypass)."""
         if self.watchdog:
             notify("WATCHDOG=1")
-        for sock, address in self.socks:
+        for sock, address in self.socks if firewall else ():
             try:
                 sock.sendto(b"", (address, self.port))
             except OSError:

@@ -62,6 +62,7 @@ class WorkerHandle:
     state: State = State.STARTING
     started: float = 0.0
     pinged: float | None = None  # when its unanswered ping went
+    bypassing: bool = False      # --when-full bypass: full, not listening
     conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
     conns_lines: list = field(default_factory=list)
     # Draining, with limits: its connections per client address, which
@@ -225,6 +226,8 @@ class Master:
     def _on_line(self, handle: WorkerHandle, line: str) -> None:
         if line == Word.PONG:
             Pinger.pong(handle)
+        elif line in (Word.FULL, Word.ROOM):
+            handle.bypassing = line == Word.FULL
         elif handle.state == State.STARTING and line == Word.READY:
             handle.state = State.SERVING
             self._check_ready()
@@ -272,7 +275,8 @@ class Master:
         served = len(serving) >= self.config.workers or \
             (self.upgrading and any(h.state == State.OLD for h in self.workers.values()))
         if answering and served:
-            self.heartbeat.beat()
+            # Every worker full and standing aside: tell iptables' rules too.
+            self.heartbeat.beat(firewall=not (serving and all(h.bypassing for h in serving)))
 
     def _on_hung(self, handle: WorkerHandle, silent: float) -> None:
         log.error("Worker {} (pid {}) has not answered for {:.1f} s; killing it",

@@ -51,6 +51,10 @@ class DaemonCollector:
                                  labels=["version"])
         info.add_metric([self.version], 1)
         yield info
+        full = GaugeMetricFamily("tcp_intercept_when_full_info", "What a worker at its share "
+                                 "of --max-connections does (--when-full)", labels=["mode"])
+        full.add_metric([self.source.when_full()], 1)
+        yield full
         yield from _processes(self.source.pids())
 
 

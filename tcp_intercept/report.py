@@ -61,14 +61,15 @@ class Process:
 
 
 def info_lines(*, name: str, version: str, options: str, uptime: float,
-               processes: list[Process], totals: list[int]) -> list[str]:
+               processes: list[Process], totals: list[int],
+               when_full: str = "queue") -> list[str]:
     master = processes[0]
     days, rest = divmod(int(uptime), 86400)
     hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
     lines = [f"Name: {name}", f"Version: {version}", f"Pid: {master.pid}",
              f"Uptime: {days}d {hours}h{minutes:02d}m{seconds:02d}s",
-             f"Uptime_sec: {int(uptime)}", f"Options: {options}",
+             f"Uptime_sec: {int(uptime)}", f"Options: {options}", f"When_full: {when_full}",
              f"Workers: {sum(p.state in ('serving', 'old') for p in processes)}",
              f"Workers_draining: {sum(p.state == 'draining' for p in processes)}",
              f"Connections_open: {c.open_connections(totals)}"]

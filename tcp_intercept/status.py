@@ -50,7 +50,11 @@ class Status:
         return report.info_lines(name=NAME, version=__version__,
                                  options=self.config.describe(),
                                  uptime=time.time() - self.started, processes=processes,
-                                 totals=self.board.totals())
+                                 totals=self.board.totals(), when_full=self.when_full())
+
+    def when_full(self) -> str:
+        """--when-full: what a worker at its share of --max-connections does."""
+        return self.config.when_full
 
     def conns(self, done: Callable[[list[str]], None]) -> None:
         """done(the show conns table) once every worker has listed its

@@ -60,9 +60,10 @@ class Worker:
         if self.limited:
             share = config.max_connections and \
                 limits_share(config.max_connections, config.workers, number)
-            limits = Limits(ctr, share, config.max_per_client)
+            limits = Limits(ctr, share, config.max_per_client, config.when_full)
         self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx, limits)
         self.channel = Channel(self.loop, channel_sock, self._on_command, self._on_master_gone)
+        self.listener.on_bypass = self._on_bypass
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
         self.drain_timer = None
         self.conns_asked = 0  # "conns" requests not answered in full yet
@@ -123,6 +124,11 @@ class Worker:
             self.listener.inherit(address, count)
         else:
             self.listener.forget(address, count)
+
+    def _on_bypass(self, bypassing: bool) -> None:
+        """--when-full bypass: the master holds back the firewall's heartbeat
+        while every worker stands aside (liveness.py)."""
+        self.channel.send(Word.FULL if bypassing else Word.ROOM)
 
     # EOF on the channel: the master died (it never closes it otherwise).
     def _on_master_gone(self) -> None:

@@ -100,6 +100,13 @@ def test_congestion(options, field):
     assert getattr(cli.parse_args(options), field) == "reno"
 
 
+@pytest.mark.parametrize("mode", ["queue", "reset", "bypass"])
+def test_when_full(mode):
+    config = cli.parse_args(["--max-connections", "9", "--when-full", mode])
+    assert config.when_full == mode
+    assert ("--when-full" in config.describe()) == (mode != "queue")
+
+
 @pytest.mark.parametrize("options", [["-C", "no-such-algo"], ["--congestion", "no-such-algo"],
                                      ["--client-congestion", "no-such-algo"]])
 def test_unknown_congestion_lists_the_available_ones(options, started, capsys):
@@ -160,6 +167,8 @@ def test_main_hands_the_config_to_the_daemon(started):
     ["--user-timeout", "nan"],
     ["--user-timeout", "inf"],
     ["--user-timeout", "soon"],
+    ["--max-connections", "9", "--when-full", "later"],
+    ["--max-connections", "9", "--max-per-client", "2", "-w", "2", "--when-full", "bypass"],
 ])
 def test_bad_options_and_values_exit_64(options, started, capsys):
     assert cli.main(options) == EX_USAGE

@@ -65,15 +65,19 @@ def test_a_master_that_did_not_run_does_not_blame_its_workers():
     assert hung == []
 
 
-def test_heartbeat_sends_to_loopback_on_the_port():
+def test_heartbeat_sends_to_loopback_on_the_port_and_not_when_told_not_to():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
         sink.bind(("127.0.0.1", 0))
         sink.settimeout(2)
         heartbeat = Heartbeat(sink.getsockname()[1])
         try:
+            heartbeat.beat(firewall=False)
             heartbeat.beat()
             data, sender = sink.recvfrom(16)
             assert data == b"" and sender[0] == "127.0.0.1"
+            sink.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sink.recvfrom(16)  # the one with firewall=False sent nothing
         finally:
             heartbeat.close()
 
@@ -86,12 +90,12 @@ def test_heartbeat_pets_systemds_watchdog_when_the_unit_has_one(tmp_path, monkey
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         monkeypatch.delenv("WATCHDOG_USEC", raising=False)
         quiet = Heartbeat(9)
-        quiet.beat()
+        quiet.beat(firewall=False)
         quiet.close()
         monkeypatch.setenv("WATCHDOG_USEC", "10000000")
         monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
         watched = Heartbeat(9)
-        watched.beat()
+        watched.beat(firewall=False)  # systemd's watchdog is not the firewall's business
         watched.close()
         assert systemd.recv(64) == b"WATCHDOG=1"
         systemd.settimeout(0.2)
