@@ -12,8 +12,31 @@
 #                    1. a packet of an existing transparent socket (an
 #                       intercepted connection, or the daemon's own outgoing
 #                       one with -B client) is marked and left alone;
-#                    2. a packet to one of this host's addresses is left alone;
-#                    3. every other packet goes to TPROXY on PORT, marked.
+#                    2. skip interception: a packet to one of this host's
+#                       addresses is left alone (every rule that exempts
+#                       traffic from interception goes here: *_skip_rules);
+#                    3. fail open (--fail open, the default): a packet is
+#                       left alone, forwarded as if there were no proxy,
+#                       while the daemon cannot take it (below);
+#                    4. every other packet goes to TPROXY on PORT, marked;
+#                       with --fail closed, one that nothing takes is dropped.
+#
+# Failing open must not depend on the daemon's cleanup (a SIGKILL runs
+# none), so it rests on what the kernel itself knows at each packet:
+#   nft       the tproxy statement takes a packet only if a socket listens
+#             on PORT, and otherwise lets the rule end: the packet goes on
+#             to be forwarded. The daemon's master holds the listening
+#             sockets and dies with its workers, so the first SYN after the
+#             last of them is gone passes. No heartbeat, no privilege.
+#   iptables  the TPROXY target drops a packet nothing listens for, and no
+#             match can ask whether PORT is listened on, so the daemon says
+#             it is alive instead: its master sends a UDP datagram to
+#             127.0.0.1 and ::1 on PORT four times a second while every
+#             worker answers (no privilege needed); a rule in OUTPUT notes it
+#             in the recent list "tcp_intercept" (masked to one entry) and
+#             drops it; TPROXY applies only while that entry is under
+#             HEARTBEAT seconds old. Any local process could send the same
+#             datagram: at worst that keeps today's fail-closed behaviour.
 #
 # The daemon's own connections to servers are never intercepted: packets a
 # host sends itself traverse OUTPUT, not PREROUTING, so none of these rules
@@ -23,8 +46,9 @@
 # them to it instead of forwarding them.
 #
 # Everything lives in containers of our own, so `down` removes exactly what
-# `up` installed and nothing else: the iptables chain TCP_INTERCEPT in the
-# mangle table (one jump to it from PREROUTING), the nftables tables
+# `up` installed and nothing else: the iptables chains TCP_INTERCEPT and
+# TCP_INTERCEPT_ALIVE in the mangle table (one jump to each from PREROUTING
+# and OUTPUT), the nftables tables
 # `ip tcp_intercept` and `ip6 tcp_intercept`, and ip rules and routes tagged
 # with routing protocol number 84 (unassigned in rtnetlink.h and rt_protos).
 #
@@ -36,6 +60,9 @@ set -eu
 
 PROG=${0##*/}
 CHAIN=TCP_INTERCEPT
+ALIVE_CHAIN=TCP_INTERCEPT_ALIVE
+RECENT=tcp_intercept
+HEARTBEAT=1  # seconds without the daemon's heartbeat before iptables fails open
 NFT_TABLE=tcp_intercept
 RT_PROTO=84
 EX_USAGE=64
@@ -46,6 +73,7 @@ MASK=0x1
 TABLE=5
 FAMILIES="4 6"
 BACKEND=
+FAIL=open
 
 usage() {
 	cat <<EOF
@@ -69,13 +97,18 @@ Options:
   --mark MARK[/MASK]      firewall mark for intercepted packets and its mask
                           (default 0x1/0x1; MASK defaults to 0xffffffff)
   --table N               routing table for marked packets (default 5)
+  --fail open|closed      when no daemon listens (none runs, it was killed
+                          or failed to start): open (default) forwards new
+                          connections as if there were no proxy, within 2
+                          seconds; closed drops them, as the original did
   -h, --help              this help
 
 up installs the rules, or replaces ours with the options given; it is
 idempotent. down removes everything this script installed in the families
 chosen, whatever options up had; with nothing installed it does nothing.
-status prints what is installed. Start the daemon before up: like the
-original's TPROXY rule, the rules drop forwarded TCP that no daemon takes.
+status prints what is installed. With --fail open the order of up and
+the daemon's start does not matter; with --fail closed start the daemon
+first: the rules then drop forwarded TCP that no daemon takes.
 
 Exit status: 0 success (status: installed), 1 error, 3 (status) not
 installed or incomplete, 64 bad command line.
@@ -157,7 +190,7 @@ parse_args() {
 		local opt=$1 value=
 		case $opt in
 		--*=*) value=${opt#*=}; opt=${opt%%=*} ;;
-		--backend | --family | --port | --mark | --table)
+		--backend | --family | --port | --mark | --table | --fail)
 			[ $# -ge 2 ] || bad_usage "$opt needs a value"
 			value=$2
 			shift
@@ -178,6 +211,10 @@ parse_args() {
 			PORT=$((10#$value))
 			;;
 		--mark) parse_mark "$value" ;;
+		--fail)
+			case $value in open | closed) FAIL=$value ;;
+			*) bad_usage "--fail: open or closed, not '$value'" ;; esac
+			;;
 		--table)
 			is_table "$value" ||
 				bad_usage "--table: not a routing table number (1-252, 256-): '$value'"
@@ -263,32 +300,66 @@ iptables_usable() {
 	command -v "$ipt" >/dev/null && "$ipt" -w -t mangle -S PREROUTING >/dev/null 2>&1
 }
 
+# The loopback address the daemon's heartbeat goes to, and a mask that
+# makes every address one entry of the recent list.
+iptables_loopback() {
+	if [ "$1" = 4 ]; then echo "127.0.0.1 0.0.0.0"; else echo "::1 ::"; fi
+}
+
+# Step 2: connections never intercepted.
+iptables_skip_rules() {
+	echo "-A $CHAIN -p tcp -m addrtype --dst-type LOCAL -j RETURN"
+}
+
+# Step 3 and the heartbeat's rule; nothing with --fail closed.
+iptables_fail_rules() {
+	local loopback mask
+	[ "$FAIL" = open ] || return 0
+	read -r loopback mask <<<"$(iptables_loopback "$1")"
+	echo "-A $CHAIN -p tcp -m recent ! --rcheck --seconds $HEARTBEAT --name $RECENT --mask $mask --rsource -j RETURN"
+	echo "-A $ALIVE_CHAIN -o lo -p udp -d $loopback --dport $PORT -m recent --set --name $RECENT --mask $mask --rsource -j DROP"
+}
+
 iptables_up() {
-	local ipt jump=
+	local ipt jump= alive_jump= alive_chain=
 	ipt=$(iptables_cmd "$1")
 	"$ipt" -w -t mangle -C PREROUTING -j "$CHAIN" 2>/dev/null || jump="-A PREROUTING -j $CHAIN"
+	if [ "$FAIL" = open ]; then
+		alive_chain=":$ALIVE_CHAIN - [0:0]"
+		"$ipt" -w -t mangle -C OUTPUT -j "$ALIVE_CHAIN" 2>/dev/null ||
+			alive_jump="-A OUTPUT -j $ALIVE_CHAIN"
+	fi
 	# One restore: declaring an existing chain with --noflush empties it, so
 	# the old rules are replaced by the new ones in one atomic commit and no
 	# packet of a live connection meets an empty chain.
 	"$ipt-restore" -w --noflush <<EOF
 *mangle
 :$CHAIN - [0:0]
+$alive_chain
 -A $CHAIN -p tcp -m socket --transparent -j MARK --set-mark $MARK/$MASK
 -A $CHAIN -p tcp -m socket --transparent -j RETURN
--A $CHAIN -p tcp -m addrtype --dst-type LOCAL -j RETURN
+$(iptables_skip_rules "$1")
+$(iptables_fail_rules "$1")
 -A $CHAIN -p tcp -j TPROXY --on-port $PORT --tproxy-mark $MARK/$MASK
 $jump
+$alive_jump
 COMMIT
 EOF
+	[ "$FAIL" = open ] || iptables_chain_down "$1" OUTPUT "$ALIVE_CHAIN"
+}
+
+iptables_chain_down() { # family hook chain
+	local ipt
+	ipt=$(iptables_cmd "$1")
+	"$ipt" -w -t mangle -S "$3" >/dev/null 2>&1 || return 0
+	while "$ipt" -w -t mangle -D "$2" -j "$3" 2>/dev/null; do :; done
+	"$ipt" -w -t mangle -F "$3"
+	"$ipt" -w -t mangle -X "$3"
 }
 
 iptables_down() {
-	local ipt
-	ipt=$(iptables_cmd "$1")
-	"$ipt" -w -t mangle -S "$CHAIN" >/dev/null 2>&1 || return 0
-	while "$ipt" -w -t mangle -D PREROUTING -j "$CHAIN" 2>/dev/null; do :; done
-	"$ipt" -w -t mangle -F "$CHAIN"
-	"$ipt" -w -t mangle -X "$CHAIN"
+	iptables_chain_down "$1" PREROUTING "$CHAIN"
+	iptables_chain_down "$1" OUTPUT "$ALIVE_CHAIN"
 }
 
 iptables_show() {
@@ -297,6 +368,8 @@ iptables_show() {
 	{
 		"$ipt" -w -t mangle -S "$CHAIN" 2>/dev/null || true
 		"$ipt" -w -t mangle -S PREROUTING | grep -- "-j $CHAIN\$" || true
+		"$ipt" -w -t mangle -S "$ALIVE_CHAIN" 2>/dev/null || true
+		"$ipt" -w -t mangle -S OUTPUT | grep -- "-j $ALIVE_CHAIN\$" || true
 	} | sed "s/^/  $ipt -t mangle /"
 }
 
@@ -313,14 +386,26 @@ nft_family() {
 	if [ "$1" = 4 ]; then echo ip; else echo ip6; fi
 }
 
+# Step 2: connections never intercepted.
+nft_skip_rules() {
+	echo "meta l4proto tcp fib daddr type local accept"
+}
+
 nft_ruleset() {
-	local table setmark
+	local table setmark nothing_listens
 	table="$(nft_family "$1") $NFT_TABLE"
 	setmark="meta mark set meta mark and $(printf '0x%x' $((~MASK & 0xffffffff))) or $MARK"
+	# The tproxy statement ends its rule when no socket listens on PORT:
+	# --fail open lets the packet go on (step 3; the counter shows how many
+	# connections passed so), --fail closed drops it as iptables' TPROXY
+	# target does.
+	if [ "$FAIL" = open ]; then
+		nothing_listens="meta l4proto tcp tcp flags & (syn | ack) == syn counter"
+	else
+		nothing_listens="meta l4proto tcp drop"
+	fi
 	# Declaring, deleting and re-creating the table in one file is one
-	# transaction: the old rules are replaced atomically. The tproxy
-	# statement skips the rest of its rule when no socket listens on PORT;
-	# the drop after it then does what iptables' TPROXY target does.
+	# transaction: the old rules are replaced atomically.
 	cat <<EOF
 table $table
 delete table $table
@@ -328,9 +413,9 @@ table $table {
 	chain prerouting {
 		type filter hook prerouting priority -150; policy accept;
 		meta l4proto tcp socket transparent 1 $setmark accept
-		meta l4proto tcp fib daddr type local accept
+		$(nft_skip_rules "$1")
 		meta l4proto tcp tproxy to :$PORT $setmark accept
-		meta l4proto tcp drop
+		$nothing_listens
 	}
 }
 EOF

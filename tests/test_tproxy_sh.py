@@ -62,6 +62,9 @@ def rules(topo: Topology) -> dict[str, int]:
         counts[f"ip{fam} jump"] = len(re.findall(r"^-A PREROUTING -j TCP_INTERCEPT$", mangle[i],
                                                  re.M))
         counts[f"ip{fam} chain"] = len(re.findall(r"^-A TCP_INTERCEPT ", mangle[i], re.M))
+        counts[f"ip{fam} heartbeat"] = len(re.findall(
+            r"^-A (OUTPUT -j TCP_INTERCEPT_ALIVE|TCP_INTERCEPT_ALIVE .*--dport \d+ -m recent)",
+            mangle[i], re.M))
         counts[f"ip{fam} nft"] = ruleset.count(f"table {nft_family} tcp_intercept {{")
         counts[f"ip{fam} nft tproxy"] = len(re.findall(
             rf"table {nft_family} tcp_intercept {{[^}}]*tproxy to :", ruleset))
@@ -69,16 +72,18 @@ def rules(topo: Topology) -> dict[str, int]:
 
 
 NONE = {f"ip{fam} {kind}": 0 for fam in FAMILIES
-        for kind in ("rule", "route", "jump", "chain", "nft", "nft tproxy")}
+        for kind in ("rule", "route", "jump", "chain", "heartbeat", "nft", "nft tproxy")}
 
 
-def installed(backend: str, families=FAMILIES) -> dict[str, int]:
+def installed(backend: str, families=FAMILIES, fail: str = "open") -> dict[str, int]:
     """The counts of one set of our rules with backend, in families."""
     counts = dict(NONE)
     for fam in families:
         counts |= {f"ip{fam} rule": 1, f"ip{fam} route": 1}
-        if backend == "iptables":
+        if backend == "iptables" and fail == "closed":
             counts |= {f"ip{fam} jump": 1, f"ip{fam} chain": 4}
+        elif backend == "iptables":  # and the heartbeat's gate, jump and rule
+            counts |= {f"ip{fam} jump": 1, f"ip{fam} chain": 5, f"ip{fam} heartbeat": 2}
         else:
             counts |= {f"ip{fam} nft": 1, f"ip{fam} nft tproxy": 1}
     return counts
@@ -101,6 +106,7 @@ def echo(topo: Topology, peers, family: str) -> tuple[str, tuple]:
 
 
 def assert_intercepted(topo, peers, daemon, family: str) -> None:
+    topo.wait_heartbeat(family)
     conn_id, peer = echo(topo, peers, family)
     daemon.wait_log(f"{conn_id}: closed")
     assert daemon.lines(f"{conn_id}: Connection intercepted")
@@ -152,6 +158,20 @@ def test_up_twice_is_one_set_and_down_keeps_what_is_not_ours(topo, backend):
                  "-j", "ACCEPT", check=False)
         topo.run(topo.rtr, "ip", "-6", "rule", "del", "fwmark", "0x1/0x1", "lookup", "5",
                  check=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fail_closed_and_open_replace_each_other(topo, backend):
+    """--fail closed: the original's rules (nft's drop, no heartbeat)."""
+    tproxy_sh(topo, "--backend", backend, "--fail", "closed", "up")
+    assert rules(topo) == installed(backend, fail="closed")
+    ruleset = topo.run(topo.rtr, "nft", "list", "ruleset").stdout
+    assert ("meta l4proto tcp drop" in ruleset) == (backend == "nft")
+    tproxy_sh(topo, "--backend", backend, "up")
+    assert rules(topo) == installed(backend)
+    assert "meta l4proto tcp drop" not in topo.run(topo.rtr, "nft", "list", "ruleset").stdout
+    tproxy_sh(topo, "--backend", backend, "--fail", "closed", "up")
+    assert rules(topo) == installed(backend, fail="closed")
 
 
 def test_up_with_the_other_backend_replaces_the_first(topo):
@@ -208,6 +228,7 @@ def test_port_mark_and_table_are_honoured(topo, peers, start_daemon, backend, fa
         "local default dev lo")
     shown = tproxy_sh(topo, "--family", family, "status").stdout
     assert re.search(r"(on-port|tproxy to :)\s*6000", shown), shown
+    topo.wait_heartbeat(family)
     conn_id, peer = echo(topo, peers, family)
     assert daemon.wait_log(f"{conn_id}: server accepted connection, splicing")
     assert peer[0] == (topo.CLIENT6 if family == "6" else topo.CLIENT4)
@@ -217,7 +238,7 @@ def test_port_mark_and_table_are_honoured(topo, peers, start_daemon, backend, fa
     ("--bogus", "up"), ("up", "down"), (), ("--port", "0", "up"), ("--port", "65536", "up"),
     ("--port",), ("--mark", "0", "up"), ("--mark", "0x3/0x1", "up"), ("--mark", "x", "up"),
     ("--table", "254", "up"), ("--table", "five", "up"), ("--family", "5", "up"),
-    ("--backend", "pf", "up"), ("sideways",),
+    ("--backend", "pf", "up"), ("sideways",), ("--fail", "ajar", "up"),
 ])
 def test_bad_command_line_exits_64_with_one_line(topo, args):
     result = tproxy_sh(topo, *args, status=EX_USAGE)
@@ -229,7 +250,7 @@ def test_bad_command_line_exits_64_with_one_line(topo, args):
 def test_help(topo):
     result = tproxy_sh(topo, "--help")
     assert "up|down|status" in result.stdout
-    for option in ("--backend", "--family", "--port", "--mark", "--table"):
+    for option in ("--backend", "--family", "--port", "--mark", "--table", "--fail"):
         assert option in result.stdout
 
 

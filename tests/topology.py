@@ -123,6 +123,18 @@ class Topology:
         self.run(self.rtr, str(TPROXY_SH), "--family", "all",
                  "--port", str(self.port), "up")
 
+    def wait_heartbeat(self, family: str = "4", timeout: float = 5) -> None:
+        """tproxy.sh's iptables rules (--fail open) apply TPROXY only while
+        the daemon's heartbeat is fresh in the recent list: empty it (a dead
+        daemon's entry stays listed) and wait for the next beat. Without the
+        list (nft, --fail closed) there is nothing to wait for."""
+        recent = "/proc/net/xt_recent/tcp_intercept"
+        if self.run(self.rtr, "sh", "-c", f"echo / > {recent}", check=False).returncode:
+            return
+        entry = "src=0.0.0.0 " if family == "4" else "src=0000:0000:0000:0000:0000:0000:0000:0000"
+        wait_for(lambda: entry in self.run(self.rtr, "cat", recent, check=False).stdout,
+                 timeout, f"the daemon's IPv{family} heartbeat in {recent}", interval=0.05)
+
     def down(self) -> None:
         for proc in reversed(self._procs):
             with contextlib.suppress(Exception):
