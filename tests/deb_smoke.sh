@@ -20,7 +20,9 @@
 #      N+1, the transfer intact, the old workers gone once it ended, new
 #      ones serving; traffic.sh); dpkg-reconfigure in the router (the same
 #      answers: the daemon goes on; a new listening port: it restarts on
-#      that port, the rules follow, it relays); stop (rules gone, status
+#      that port, the rules follow, it relays); kill -9 of the master (the
+#      rules stay, FAIL=open: a connection begun at once reaches its server
+#      within 2 s; start: intercepted again; fail_open.sh); stop (rules gone, status
 #      3), a start that fails with the daemon's own status; then what
 #      tcp-intercept.service runs (systemd-helper), as systemd is not there;
 #   5. apt-get purge, and check that nothing is left.
@@ -142,6 +144,8 @@ say "installing the build dependencies"
 . "$REPO/tests/build_deb.sh"
 # shellcheck source=tests/traffic.sh
 . "$REPO/tests/traffic.sh"
+# shellcheck source=tests/fail_open.sh
+. "$REPO/tests/fail_open.sh"
 apt_install "$WORK/apt.log" "${DEB_BUILD_DEPS[@]}" iproute2 iptables nftables logrotate man-db ||
 	fail "installing the build dependencies"
 
@@ -350,6 +354,20 @@ case $rules in
 esac
 transfer
 check_processes "after the restart" "$pid"
+
+# -- fail open: kill -9 under the init script (fail_open.sh) ---------------
+
+say "kill -9 of the master: connections pass within ${FAIL_OPEN_WITHIN} s; start intercepts again"
+check_processes "before kill -9" "$pid"
+kill_and_pass "$pid"
+say "the first connection after kill -9 reached its server in $PASSED_MS ms"
+for worker in "${WORKER_PIDS[@]}"; do
+	wait_for 5 "the exit of worker $worker after its master's" sh -c "! kill -0 $worker"
+done
+in_ns "$NS_R" "$TPROXY" status >/dev/null || fail "kill -9: the rules are gone (nothing should have run)"
+init_script start || fail "start after kill -9: exit status $?"
+pid=$(our_daemon) || fail "start after kill -9: no daemon"
+transfer # intercepted again
 
 say "init script: stop"
 init_script stop >/dev/null || fail "stop: exit status $?"

@@ -26,7 +26,11 @@
 #   5. systemd-analyze security's overall exposure of the unit: at most 2.5;
 #   6. no system call denied to the unit's processes (the kernel's log), no
 #      SIGSYS, EPERM or traceback in the unit's journal, no ERROR or
-#      traceback in the daemon's log.
+#      traceback in the daemon's log;
+#   7. fail open (fail_open.sh): kill -9 of MainPID, a connection begun at
+#      once reaches its server within 2 s, systemd restarts the unit and it
+#      intercepts again; SIGSTOP of MainPID: its workers serve on, the
+#      watchdog (WatchdogSec=) kills it and systemd restarts the unit.
 #
 # Everything it starts is stopped by pid, the container powered off and the
 # namespaces deleted on exit, failed or not. Prints the time of each phase.
@@ -56,6 +60,8 @@ T0=$SECONDS
 . "$REPO/tests/nspawn.sh"
 # shellcheck source=tests/traffic.sh
 . "$REPO/tests/traffic.sh"
+# shellcheck source=tests/fail_open.sh
+. "$REPO/tests/fail_open.sh"
 
 say() { echo "systemd_smoke [$((SECONDS - T0))s]: $*"; }
 fail() {
@@ -307,6 +313,48 @@ $bad"
 bad=$(in_ct cat "$LOG.1" "$LOG" | grep -E ' (ERROR|CRITICAL): |Traceback') &&
 	fail "the daemon's log says:
 $bad"
+
+# -- 7. fail open: kill -9 and a hung master (fail_open.sh) -------------------
+
+# restarted_from OLD: the unit active again under another MainPID.
+restarted_from() {
+	local now
+	now=$(ct_systemctl show -p MainPID --value tcp-intercept) &&
+		[ "$now" != 0 ] && [ "$now" != "$1" ] && ct_systemctl is-active tcp-intercept
+}
+
+phase "kill -9 of MainPID: connections pass within ${FAIL_OPEN_WITHIN} s; systemd restarts it, intercepting"
+ct_systemctl start tcp-intercept || fail "systemctl start: exit status $?"
+wait_for 10 "active tcp-intercept.service" ct_systemctl is-active tcp-intercept
+MAINPID=$(ct_systemctl show -p MainPID --value tcp-intercept)
+ip netns exec "$NS_S" python3 -c "$TRANSFER_SERVER" "$SERVER" "$SERVER_PORT" &
+SERVER_PID=$!
+wait_for 10 "server listening on $SERVER_PORT" sh -c \
+	"ip netns exec '$NS_S' ss -Hltn 'sport = :$SERVER_PORT' | grep -q LISTEN"
+transfer
+kill_and_pass "$MAINPID"
+say "the first connection after kill -9 reached its server in $PASSED_MS ms"
+wait_for 20 "a restarted tcp-intercept.service" restarted_from "$MAINPID"
+[ "$(ct_systemctl show -p NRestarts --value tcp-intercept)" = 1 ] || fail "NRestarts is not 1 after kill -9"
+MAINPID=$(ct_systemctl show -p MainPID --value tcp-intercept)
+wait_for 10 "the rules back after the restart" in_ct "$TPROXY" status
+transfer # intercepted again
+
+phase "SIGSTOP of MainPID: its workers serve on; the watchdog restarts it"
+stopped_at=$SECONDS
+in_ct kill -STOP "$MAINPID" || fail "kill -STOP $MAINPID"
+transfer # the workers go on
+wait_for 30 "the watchdog's restart of a stopped MainPID" restarted_from "$MAINPID"
+say "restarted $((SECONDS - stopped_at)) s after SIGSTOP (WatchdogSec=$(ct_systemctl show -p WatchdogUSec --value tcp-intercept))"
+[ "$(ct_systemctl show -p NRestarts --value tcp-intercept)" = 2 ] || fail "NRestarts is not 2 after the watchdog"
+in_ct journalctl --no-pager -u tcp-intercept -o cat | grep -q 'Watchdog timeout' ||
+	fail "the journal does not say the watchdog fired"
+wait_for 10 "the rules back after the restart" in_ct "$TPROXY" status
+transfer
+ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+kill "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null || true
+SERVER_PID=''
 
 phase "poweroff"
 nspawn_stop "$CT" || fail "the container did not power off cleanly"

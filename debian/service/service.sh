@@ -21,6 +21,7 @@ METRICS=
 WORKERS=1
 MAX_CONNECTIONS=
 MAX_PER_CLIENT=
+WHEN_FULL=
 CONNECT_TIMEOUT=
 IDLE_TIMEOUT=
 DRAIN_TIMEOUT=
@@ -33,6 +34,7 @@ FWMARK=0x1/0x1
 LISTEN_PORT=
 TPROXY_BACKEND=
 TPROXY_FAMILY=
+FAIL=open
 
 if [ -r /etc/default/tcp-intercept ]; then
     . /etc/default/tcp-intercept
@@ -66,6 +68,7 @@ tcp_intercept_run() {
         ${CONTROL_SOCKET:+--control "$CONTROL_SOCKET"} ${METRICS:+--metrics "$METRICS"} \
         ${WORKERS:+-w "$WORKERS"} ${MAX_CONNECTIONS:+--max-connections "$MAX_CONNECTIONS"} \
         ${MAX_PER_CLIENT:+--max-per-client "$MAX_PER_CLIENT"} \
+        ${WHEN_FULL:+--when-full "$WHEN_FULL"} \
         ${CONNECT_TIMEOUT:+--connect-timeout "$CONNECT_TIMEOUT"} \
         ${IDLE_TIMEOUT:+--idle-timeout "$IDLE_TIMEOUT"} \
         ${DRAIN_TIMEOUT:+--drain-timeout "$DRAIN_TIMEOUT"} \
@@ -112,11 +115,12 @@ tcp_intercept_controls_firewall() {
     _tcp_intercept_yes "$CONTROL_NETWORK" || _tcp_intercept_yes "$CONTROL_IPTABLES"
 }
 
-# tproxy.sh up | down | status, with the settings' port, mark and table.
+# tproxy.sh up | down | status, with the settings' port, mark, table and
+# FAIL (open or closed).
 tcp_intercept_firewall() {
     # shellcheck disable=SC2086
     "$TPROXY" ${TPROXY_BACKEND:+--backend "$TPROXY_BACKEND"} \
-        ${TPROXY_FAMILY:+--family "$TPROXY_FAMILY"} \
+        ${TPROXY_FAMILY:+--family "$TPROXY_FAMILY"} ${FAIL:+--fail "$FAIL"} \
         --port "$(tcp_intercept_listen_port)" --mark "$FWMARK" \
         --table "$IP_ROUTE_TABLE_NUMBER" "$1"
 }
