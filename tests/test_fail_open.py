@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 
@@ -22,6 +23,7 @@ import pytest
 
 from tcp_intercept.errors import EX_OSERR
 
+from .intercept import REPO
 from .peers import ECHO, exchange, payload, sha256
 from .topology import TPROXY_SH, Daemon, Topology, TopologyError, pid_alive, wait_for
 
@@ -197,6 +199,34 @@ def test_a_stopped_worker_is_replaced_and_its_backlog_served(topo, peers, start_
     assert slowest < FAIL_OPEN_WITHIN, sorted(took for _, took in results)
     assert victim not in wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 5,
                                   "a new worker")
+
+
+class PlantedBugDaemon(Daemon):
+    """tests/planted_bug.py: a relay that reads SPIN loops forever."""
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(REPO / "tests" / "planted_bug.py"), *self.args]
+
+
+def test_a_worker_in_a_tight_loop_is_replaced(topo, peers, tmp_path):
+    daemon = PlantedBugDaemon(topo, "-w", "2", workdir=tmp_path, log_file=True).start()
+    try:
+        tproxy_up(topo, "nft", family="4")
+        workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10,
+                           "two workers")
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as spinning:
+            spinning.sendall(b"SPIN until killed")
+            [line] = daemon.wait_log("has not answered for", timeout=10)
+            victim = int(line.split("(pid ")[1].split(")")[0])
+            assert victim in workers
+            daemon.wait_log(f"(pid {victim}) was killed by SIGKILL; starting another")
+        now = wait_for(lambda: len(daemon.workers()) == 2 and victim not in daemon.workers()
+                       and daemon.workers(), 5, "a new worker")
+        assert set(workers) - {victim} <= set(now), "the other worker was touched"
+        for _ in range(8):  # over both workers' sockets
+            assert through(topo, peers)[0] == router(topo)
+    finally:
+        daemon.stop()
 
 
 def hold(topo: Topology) -> socket.socket:
