@@ -274,11 +274,16 @@ def test_full_reset_resets_the_next_client(topo, peers, start_daemon):
     assert "tcp_intercept_connections_full_reset_total 1.0" in metrics
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_full_bypass_lets_new_connections_pass_until_there_is_room(topo, peers,
-                                                                   start_daemon):
+                                                                   start_daemon, backend):
+    """Each worker full stops listening: nft passes what nothing takes at
+    once; for iptables the master holds back its heartbeat, and a SYN passes
+    once it is a second old (a retransmission)."""
     daemon = start_daemon("-w", "2", "--max-connections", "2", "--when-full", "bypass",
                           log_file=True, control=True)
-    tproxy_up(topo, "nft", family="4")
+    tproxy_up(topo, backend, family="4")
+    wait_heartbeat(topo, backend)
     held = [hold(topo)]
     # Until both workers hold one, new connections are intercepted.
     while len(held) < 2 or daemon.info()["Full_bypass_periods"] != "2":
@@ -294,4 +299,5 @@ def test_full_bypass_lets_new_connections_pass_until_there_is_room(topo, peers,
             sock.close()
     daemon.wait_log("Accepting connections again")
     wait_for(lambda: daemon.info()["Connections_open"] == "0", 5, "the closes")
+    wait_heartbeat(topo, backend)
     assert through(topo, peers)[0] == router(topo)
