@@ -11,12 +11,14 @@ its backlog (the master holds the socket).
 While every worker answers, each tick is also a heartbeat to the outside:
   - systemd's watchdog (WATCHDOG=1, when the unit sets WatchdogSec=): a
     master that hangs stops it, and systemd restarts the daemon;
-  - a UDP datagram to 127.0.0.1 and ::1 on the listening port: tproxy.sh's
-    iptables rules apply TPROXY only while these keep coming, so a daemon
-    that is gone (SIGKILL included: nothing of ours has to run) or hung
-    lets connections pass within two seconds (iptables' TPROXY target
-    would drop them; nft's tproxy passes them by itself when nothing
-    listens). Sending needs no privilege; an error (no route, a DROP rule)
+  - a UDP datagram to 127.0.0.1 and ::1 on the listening port, while
+    tproxy.sh's iptables rules are installed (their recent list exists):
+    they apply TPROXY only while these keep coming, so a daemon that is
+    gone (SIGKILL included: nothing of ours has to run) or hung lets
+    connections pass within two seconds (iptables' TPROXY target would
+    drop them; nft's tproxy passes them by itself when nothing listens, and
+    then no datagram goes to a UDP service that may use the same port
+    number). Sending needs no privilege; an error (no route, a DROP rule)
     is nobody's business.
 
 A master that did not run for HUNG_AFTER (it was stopped itself, or
@@ -36,6 +38,8 @@ from .detach import notify
 PING_EVERY = 0.25   # seconds between two ticks
 HUNG_AFTER = 1.0    # seconds a ping may go unanswered
 LOOPBACKS = ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"))
+# tproxy.sh's iptables rules note the heartbeat there (our network namespace's).
+RECENT_LIST = "/proc/net/xt_recent/tcp_intercept"
 
 
 class Heartbeat:
@@ -59,7 +63,9 @@ class Heartbeat:
         worker stands aside: --when-full bypass)."""
         if self.watchdog:
             notify("WATCHDOG=1")
-        for sock, address in self.socks if firewall else ():
+        if not firewall or not os.path.exists(RECENT_LIST):
+            return
+        for sock, address in self.socks:
             try:
                 sock.sendto(b"", (address, self.port))
             except OSError:

@@ -93,7 +93,8 @@ def kill_all(daemon) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kill_9_fails_open_within_2_s_and_a_restart_intercepts_again(
         topo, peers, start_daemon, backend, family):
-    daemon = detached(start_daemon, "-w", "2", listen=listen(family))
+    # As the package runs it: unprivileged (the heartbeat needs no privilege).
+    daemon = detached(start_daemon, "-w", "2", "-u", "nobody", listen=listen(family))
     tproxy_up(topo, backend, family=family)
     wait_heartbeat(topo, backend, family)
     assert through(topo, peers, family)[0] == router(topo, family)

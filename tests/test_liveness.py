@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tcp_intercept import liveness
 from tcp_intercept.liveness import HUNG_AFTER, PING_EVERY, Heartbeat, Pinger
 
 pytestmark = pytest.mark.unit
@@ -65,7 +66,11 @@ def test_a_master_that_did_not_run_does_not_blame_its_workers():
     assert hung == []
 
 
-def test_heartbeat_sends_to_loopback_on_the_port_and_not_when_told_not_to():
+def test_heartbeat_sends_to_loopback_on_the_port_and_not_when_told_not_to(tmp_path,
+                                                                          monkeypatch):
+    recent = tmp_path / "tcp_intercept"
+    recent.touch()  # as if tproxy.sh's iptables rules were installed
+    monkeypatch.setattr(liveness, "RECENT_LIST", str(recent))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
         sink.bind(("127.0.0.1", 0))
         sink.settimeout(2)
@@ -78,6 +83,10 @@ def test_heartbeat_sends_to_loopback_on_the_port_and_not_when_told_not_to():
             sink.settimeout(0.2)
             with pytest.raises(TimeoutError):
                 sink.recvfrom(16)  # the one with firewall=False sent nothing
+            recent.unlink()  # no iptables rules (nft, or none): nothing goes out
+            heartbeat.beat()
+            with pytest.raises(TimeoutError):
+                sink.recvfrom(16)
         finally:
             heartbeat.close()
 
