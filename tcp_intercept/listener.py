@@ -152,10 +152,12 @@ class Listener:
                 self.on_bypass(True)
 
     def _reset(self, fd: int) -> None:
+        # Counted before the client can see it: who saw the reset and then
+        # asks show info finds it counted.
+        self.ctx.ctr[counters.FULL_RESET] += 1  # count
         client = _socket.socket(self.sock.family, socket.SOCK_STREAM, self.sock.proto, fd)
         reset_on_close(client)
         client.close()
-        self.ctx.ctr[counters.FULL_RESET] += 1  # count
 
     def _take(self, fd: int, peer: tuple) -> bool:
         """Relay the accepted connection, or drop it; False: stop accepting now."""
