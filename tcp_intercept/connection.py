@@ -21,7 +21,6 @@ reset, idle timeout); a failed connect also counts why.
 
 from __future__ import annotations
 
-import _socket  # as the listener's accepted sockets: see there
 import errno
 import socket
 import struct
@@ -38,11 +37,10 @@ from .evloop import EVENTS, READ, WRITE, Loop
 from .logs import Log
 from .pipes import PipePool
 from .relay import Relay, interest
-from .sockopts import IP_BIND_ADDRESS_NO_PORT, set_transparent
+from .recipe import Recipe
 from .table import ConnectionTable
 
 LINGER_RESET = struct.pack("ii", 1, 0)
-SOCK_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 CONNECT_FAILURE = {errno.ECONNREFUSED: counters.CONNECT_REFUSED,
                    errno.ENETUNREACH: counters.CONNECT_UNREACHABLE,
                    errno.EHOSTUNREACH: counters.CONNECT_UNREACHABLE,
@@ -60,14 +58,8 @@ class Context:
     ctr: memoryview  # this worker's counters (counters.py)
     # The per-connection lines go here (logs.Log's fast path); None with -q.
     log: Log | None
-    # Socket options for the outgoing socket, and how to bind it.
-    server_options: list = field(default_factory=list)
-    server_proto: int = socket.IPPROTO_TCP
-    spoof_client: bool = False
-    listen_port: int = 0
-    bind_address: tuple | None = None
-    bind_family: int = socket.AF_INET
-    bind_no_port: bool = False
+    # What a connection's legs get when no policy decides (recipe.py).
+    recipe: Recipe = field(default_factory=Recipe)
     # Told of every connect() under way (--connect-timeout), when set.
     on_connecting: Callable[[Connection], None] | None = None
     # Told of every connection that closes (--max-connections, --max-per-client).
@@ -77,11 +69,14 @@ class Context:
 
 
 class Connection:
-    __slots__ = ("ctx", "client", "server", "peer", "dst", "c2s", "s2c", "cw", "sw",
+    __slots__ = ("ctx", "recipe", "client", "server", "peer", "dst", "c2s", "s2c", "cw", "sw",
                  "cmask", "smask", "key", "closed", "_id", "started", "active")
 
-    def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple):
+    def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple,
+                 recipe: Recipe | None = None):
         self.ctx = ctx
+        # Which rule chose it: recipe.name (telemetry reads it there).
+        self.recipe = recipe or ctx.recipe
         self.client = client
         self.peer = peer
         self.dst = dst
@@ -111,31 +106,16 @@ class Connection:
         return self._id
 
     def _connect(self) -> None:
-        ctx = self.ctx
-        self.server = server = _server_socket(self.client.family, ctx)
-        for level, option, value in ctx.server_options:
-            server.setsockopt(level, option, value)
-        if ctx.spoof_client:
-            set_transparent(server)
-            # The client may reuse its port while our previous socket on it
-            # sits in TIME_WAIT; the original failed those connections.
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.peer[1] == ctx.listen_port:
-                # Our listeners hold this port too (see open_listeners).
-                server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            server.bind(self.peer)
-        elif ctx.bind_address is not None and server.family == ctx.bind_family:
-            if ctx.bind_no_port:
-                # Let connect() pick the port: bind() would refuse ports in
-                # TIME_WAIT and crawl once half the range is (the original did).
-                server.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            server.bind(ctx.bind_address)
+        ctx, recipe = self.ctx, self.recipe
+        dscp = recipe.prepare_client(self.client)
+        self.server = server = recipe.open_server(self.client.family, ctx.reserve)
+        recipe.prepare_server(server, self.peer, dscp)
         status = server.connect_ex(self.dst)
         if status not in (0, errno.EINPROGRESS):
             raise OSError(status, strerror(status))
         if ctx.log is not None:
             ctx.log.info(f"{self.id}: Connecting {self.source}-->{format_sockaddr(self.dst)}"
-                         if not ctx.spoof_client else
+                         if not recipe.spoof_client else
                          # Our side is the client's address: the id again.
                          f"{self.id}: Connecting {self.id}")
         # READ too: then WRITE alone says the handshake succeeded (an error
@@ -150,7 +130,7 @@ class Connection:
     @property
     def source(self) -> str:
         """Our address toward the server, `[ip]:port`."""
-        if self.ctx.spoof_client:
+        if self.recipe.spoof_client:
             return format_sockaddr(self.peer)
         try:
             return format_sockaddr(self.server.getsockname())
@@ -309,12 +289,3 @@ def reset_on_close(sock: socket.socket) -> None:
     except OSError:
         pass  # already broken: close() resets or says nothing anyway
 
-
-def _server_socket(family: int, ctx: Context) -> socket.socket:
-    """A socket toward the server; out of descriptors, it takes the reserve's."""
-    try:
-        return _socket.socket(family, SOCK_FLAGS, ctx.server_proto)
-    except OSError as err:
-        if err.errno not in (errno.EMFILE, errno.ENFILE) or not ctx.reserve.release():
-            raise
-    return _socket.socket(family, SOCK_FLAGS, ctx.server_proto)

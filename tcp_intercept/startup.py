@@ -20,7 +20,7 @@ import sys
 from loguru import logger as log
 
 from daemon.pidfile import TimeoutPIDLockFile
-from . import NAME, __version__, handover, privileges, sockopts
+from . import NAME, __version__, handover, privileges
 from .config import Config
 from .control import open_control_socket, socket_file_id
 from .counters import Board
@@ -28,6 +28,7 @@ from .detach import Launch, detach, notify, write_pid_file
 from .errors import EX_OSERR, CapabilityError, PrivilegeError, StartupError
 from .listener import open_listeners
 from .logs import Log
+from .recipe import listener_options
 from .master import Master, Sockets
 from .steering import steer_by_client
 
@@ -165,7 +166,7 @@ def _give_log_file(logs: Log, who: privileges.Identity) -> None:
 
 def _open_sockets(config: Config, sockets: Sockets) -> None:
     """The listeners, the control socket and the metrics endpoint, into sockets."""
-    options = sockopts.tcp_options(config, config.client_congestion)
+    options = listener_options(config)
     try:
         sockets.listeners = open_listeners(config.listen, options, config.workers,
                                            mptcp=config.mptcp_listen)

@@ -21,7 +21,7 @@ from collections import Counter
 
 from loguru import logger as log
 
-from . import report
+from . import recipe, report
 from .channel import Channel, Word, count_line, parse_count
 from .config import Config
 from .connection import Context
@@ -31,7 +31,6 @@ from .limits import share as limits_share
 from .listener import Listener
 from .logs import Log
 from .pipes import PipePool
-from .sockopts import IPPROTO_MPTCP, tcp_options
 from .table import ConnectionTable
 from .timeouts import Deadlines
 
@@ -52,7 +51,8 @@ class Worker:
         self.deadlines = Deadlines(self.loop, self.table, config.connect_timeout,
                                    config.idle_timeout)
         self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table, ctr=ctr,
-                           log=None if config.quiet else logs, **outgoing(config))
+                           log=None if config.quiet else logs,
+                           recipe=recipe.from_config(config))
         if config.connect_timeout:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None
@@ -221,15 +221,3 @@ class Worker:
         self.logs.detach()
         self.loop.destroy()
 
-
-def outgoing(config: Config) -> dict:
-    """How Connection makes its socket to the original destination."""
-    out = {"server_options": tcp_options(config, config.congestion),
-           "server_proto": IPPROTO_MPTCP if config.mptcp else socket.IPPROTO_TCP,
-           "spoof_client": config.spoof_client,
-           "listen_port": config.listen.port}
-    addr = config.outgoing
-    if addr is not None and not (addr.is_wildcard and addr.port == 0):
-        out.update(bind_address=addr.sockaddr, bind_family=addr.family,
-                   bind_no_port=addr.port == 0)
-    return out
