@@ -13,7 +13,7 @@ import tcp_intercept
 
 PACKAGE = Path(tcp_intercept.__file__).parent
 PATH = {"listener", "limits", "connection", "relay", "pipes", "table", "timeouts",
-        "descriptors", "steering", "sockopts", "address", "config", "evloop", "errors",
+        "descriptors", "steering", "sockopts", "recipe", "address", "config", "evloop", "errors",
         "counters", "logs"}
 PROCESSES = {"cli", "startup", "master", "worker", "channel", "handover", "privileges",
              "detach", "liveness"}
