@@ -27,6 +27,11 @@ class UsageError(ValueError):
         self.show_usage = show_usage
 
 
+class PolicyError(UsageError):
+    """A policy file that cannot be used (exit status 64 at start-up; on a
+    reload the old policy stays)."""
+
+
 class AddressError(ValueError):
     """An address that cannot be parsed, resolved or used (exit status 65)."""
 

@@ -13,8 +13,8 @@ import tcp_intercept
 
 PACKAGE = Path(tcp_intercept.__file__).parent
 PATH = {"listener", "limits", "connection", "relay", "pipes", "table", "timeouts",
-        "descriptors", "steering", "sockopts", "recipe", "address", "config", "evloop", "errors",
-        "counters", "logs"}
+        "descriptors", "steering", "sockopts", "address", "config", "evloop", "errors",
+        "counters", "logs", "recipe", "policy", "policy_file"}
 PROCESSES = {"cli", "startup", "master", "worker", "channel", "handover", "privileges",
              "detach", "liveness"}
 OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl"}

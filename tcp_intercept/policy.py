@@ -1,0 +1,200 @@
+"""The policy (--policy FILE): which recipe each connection gets.
+
+An ordered list of rules in TOML; the first rule that matches a connection
+wins, and a connection no rule matches gets the command line's recipe
+("default"). A rule matches on any of: destination prefixes, destination
+ports and ranges, client prefixes, whether the client's SYN offered MPTCP;
+what it does is a recipe (recipe.py) made once, when the policy is loaded.
+The file is read and checked by policy_file.py.
+
+Lookup, per connection: the destination's address as an integer, masked
+once per prefix length the policy uses (a dict per length, so 10,000
+prefixes cost what 3 do when they share three lengths), gives the rules
+whose destination matches; those and the rules without a destination are
+tried in rule order on the rest (port, client, MPTCP). Measured in
+bench/policy.py.
+
+`bypass` rules are the firewall's business: contrib/tproxy.sh installs
+their prefixes in a set its rules skip, so their connections never reach
+us (`python3 -m tcp_intercept.bypass FILE` lists them). They take no part
+in the lookup here.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+
+from . import recipe as recipes
+from . import sockopts
+from .recipe import COPY, Recipe, syn_fields
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+TCP_IS_MPTCP = 43
+
+
+@dataclass(eq=False)
+class Rule:
+    number: int                      # 1.., in the file's order
+    name: str
+    recipe: Recipe
+    bypass: bool = False
+    destinations: list = field(default_factory=list)   # ip_network objects
+    clients: list = field(default_factory=list)
+    ports: tuple = ()                                   # ((low, high), ...)
+    client_mptcp: bool | None = None
+    client_table: dict = field(default_factory=dict)    # family -> PrefixTable
+
+    def matches_rest(self, peer_ip: tuple[int, int] | None, port: int, mptcp) -> bool:
+        """Everything but the destination prefix (already matched)."""
+        if self.ports and not any(low <= port <= high for low, high in self.ports):
+            return False
+        if self.clients:
+            table = self.client_table.get(peer_ip[0]) if peer_ip else None
+            if table is None or not table.contains(peer_ip[1]):
+                return False
+        return self.client_mptcp is None or mptcp() == self.client_mptcp
+
+    def describe(self) -> str:
+        words = [f"{self.number}", self.name]
+        if self.destinations:
+            words.append("destination=" + _few(self.destinations))
+        if self.ports:
+            words.append("port=" + ",".join(str(lo) if lo == hi else f"{lo}-{hi}"
+                                            for lo, hi in self.ports))
+        if self.clients:
+            words.append("client=" + _few(self.clients))
+        if self.client_mptcp is not None:
+            words.append(f"client_mptcp={str(self.client_mptcp).lower()}")
+        return " ".join(words)
+
+
+def _few(networks: list) -> str:
+    shown = ",".join(str(n) for n in networks[:3])
+    return shown + (f",...({len(networks)} prefixes)" if len(networks) > 3 else "")
+
+
+class PrefixTable:
+    """Prefixes of one family: for each length, the prefixes' networks as
+    integers shifted right; lookup() gives the values of every prefix
+    containing an address."""
+    __slots__ = ("bits", "tables", "by_length")
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.tables: dict[int, dict] = {}  # shift -> {network >> shift: [values]}
+        self.by_length: list[tuple[int, dict]] = []  # the same, longest prefixes first
+
+    def add(self, network, value) -> None:
+        shift = self.bits - network.prefixlen
+        if shift not in self.tables:
+            self.tables[shift] = {}
+            self.by_length = sorted(self.tables.items())
+        self.tables[shift].setdefault(int(network.network_address) >> shift, []).append(value)
+
+    def lookup(self, address: int) -> list:
+        found = []
+        for shift, table in self.by_length:
+            hit = table.get(address >> shift)
+            if hit is not None:
+                found += hit
+        return found
+
+    def contains(self, address: int) -> bool:
+        return any((address >> shift) in table for shift, table in self.by_length)
+
+
+class Policy:
+    """A loaded policy: its rules, where it came from, what each matched."""
+
+    def __init__(self, path: str, rules: list[Rule], default: Recipe):
+        self.path = path
+        self.loaded = time.time()
+        self.rules = rules
+        self.default = default
+        active = [rule for rule in rules if not rule.bypass]
+        self.by_family = {4: PrefixTable(32), 6: PrefixTable(128)}
+        self.anywhere: list[int] = []  # rules without a destination
+        for rule in active:
+            if not rule.destinations:
+                self.anywhere.append(rule.number)
+            for network in rule.destinations:
+                self.by_family[network.version].add(network, rule.number)
+        self.by_number = {rule.number: rule for rule in rules}
+        # What the listener must keep of each SYN (TCP_SAVE_SYN): the DSCP
+        # to copy, or the MPTCP option of a client on a plain TCP listener.
+        self.needs_syn = any(rule.recipe.server_dscp == COPY or rule.recipe.client_dscp == COPY
+                             or rule.client_mptcp is not None for rule in active)
+        self.needs_net_admin = any(needs_net_admin(rule.recipe) for rule in active)
+        self.matched = dict.fromkeys([rule.name for rule in active] + ["default"], 0)
+
+    def choose(self, client: socket.socket, peer: tuple, dst: tuple) -> Recipe:
+        """The recipe for a connection just accepted (counted as its rule's match)."""
+        found = None
+        dst_ip = _address(dst[0])
+        candidates = self.by_family[dst_ip[0]].lookup(dst_ip[1]) if dst_ip else []
+        if self.anywhere:
+            candidates = candidates + self.anywhere
+        if candidates:
+            peer_ip = _address(peer[0])
+            syn: list = []
+
+            def mptcp() -> bool:
+                if not syn:
+                    syn.append(_client_mptcp(client))
+                return syn[0]
+
+            for number in sorted(set(candidates)) if len(candidates) > 1 else candidates:
+                rule = self.by_number[number]
+                if rule.matches_rest(peer_ip, dst[1], mptcp):
+                    found = rule
+                    break
+        chosen = found.recipe if found is not None else self.default
+        self.matched[chosen.name] += 1
+        return chosen
+
+    def describe(self) -> list[str]:
+        """show policy's lines, but for the counts (the master adds them)."""
+        loaded = time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(self.loaded))
+        lines = [f"Policy: {self.path}", f"Loaded: {loaded}", f"Rules: {len(self.rules)}"]
+        for rule in self.rules:
+            lines.append(f"Rule: {rule.describe()}" + (" bypass" if rule.bypass else ""))
+        return lines
+
+
+def _address(text: str) -> tuple[int, int] | None:
+    """(4 or 6, the address as an integer); an IPv4-mapped IPv6 address is IPv4."""
+    try:
+        if ":" not in text:
+            return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+        raw = socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0])
+    except OSError:
+        return None
+    if raw[:12] == b"\0" * 10 + b"\xff\xff":
+        return 4, int.from_bytes(raw[12:], "big")
+    return 6, int.from_bytes(raw, "big")
+
+
+def _client_mptcp(client: socket.socket) -> bool:
+    """Whether the client speaks MPTCP: the accepted socket says so itself
+    (--mptcp-listen), or its SYN carried the MPTCP option."""
+    if client.proto == sockopts.IPPROTO_MPTCP:
+        try:
+            return client.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP) == 1
+        except OSError:
+            return False
+    try:
+        syn = client.getsockopt(socket.IPPROTO_TCP, recipes.TCP_SAVED_SYN,
+                                recipes.SAVED_SYN_MAX)
+    except OSError:
+        return False
+    return syn_fields(syn)[1]
+
+
+def needs_net_admin(recipe: Recipe) -> bool:
+    options = (*recipe.server_options, *recipe.client_options)
+    return recipe.spoof_client or any(option[:2] == (socket.SOL_SOCKET, SO_MARK)
+                                      for option in options)
+
+

@@ -1,0 +1,194 @@
+"""The policy file: what it accepts, what it refuses and how it says so,
+and which rule each connection gets (pure logic, no kernel but a probe)."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+
+import pytest
+
+from tcp_intercept import policy_file
+from tcp_intercept.config import Config
+from tcp_intercept.errors import PolicyError
+from tcp_intercept.policy import SO_MARK
+from tcp_intercept.recipe import COPY, syn_fields
+
+pytestmark = pytest.mark.unit
+
+CONFIG = Config(congestion=None)
+LAN = """
+[[rule]]
+name = "lan"
+destination = ["192.168.1.0/24", "fd00:1::/64"]
+mptcp = false
+[rule.server_leg]
+congestion = "cubic"
+
+[[rule]]
+name = "web-lte"
+port = [80, 443, "8000-8999"]
+client = "10.0.0.0/8"
+[rule.server_leg]
+mark = 0x20
+dscp = "copy"
+pacing_rate = "80mbit"
+
+[[rule]]
+name = "vpn"
+destination = "203.0.113.7/32"
+bypass = true
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "policy.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def load(tmp_path, text: str, probe: bool = False):
+    return policy_file.load(write(tmp_path, text), CONFIG, probe=probe)
+
+
+class FakeSocket:
+    """What choose() may ask of an accepted socket: its protocol and saved SYN."""
+    proto = socket.IPPROTO_TCP
+
+    def __init__(self, syn: bytes = b""):
+        self.syn = syn
+
+    def getsockopt(self, level, option, size=None):
+        if not self.syn:
+            raise OSError("no saved SYN")
+        return self.syn
+
+
+def choose(policy, dst: str, port: int = 80, client: str = "10.1.1.1", sock=None) -> str:
+    return policy.choose(sock or FakeSocket(), (client, 40000), (dst, port)).name
+
+
+def test_first_match_wins_and_the_rest_is_the_default(tmp_path):
+    policy = load(tmp_path, LAN)
+    assert choose(policy, "192.168.1.9", 80) == "lan"          # lan before web-lte
+    assert choose(policy, "198.51.100.1", 443) == "web-lte"
+    assert choose(policy, "198.51.100.1", 8500) == "web-lte"
+    assert choose(policy, "198.51.100.1", 22) == "default"
+    assert choose(policy, "198.51.100.1", 80, client="172.16.0.1") == "default"
+    assert choose(policy, "fd00:1::5", 22, client="fd00:2::1") == "lan"
+    assert choose(policy, "::ffff:192.168.1.9", 22) == "lan"   # a listener on [::]
+    assert policy.matched == {"lan": 3, "web-lte": 2, "default": 2}
+
+
+def test_bypass_rules_are_the_firewalls_and_listed_for_it(tmp_path):
+    policy = load(tmp_path, LAN)
+    assert choose(policy, "203.0.113.7", 22) == "default"
+    assert policy_file.bypass_lines(policy) == ["4 dst 203.0.113.7/32"]
+
+
+def test_a_rule_becomes_a_recipe_on_top_of_the_command_line(tmp_path):
+    config = Config(congestion="reno", user_timeout=5.0)
+    policy = policy_file.load(write(tmp_path, LAN), config, probe=False)
+    lan, web = (rule.recipe for rule in policy.rules[:2])
+    tcp = socket.IPPROTO_TCP
+    assert dict(((lvl, opt), v) for lvl, opt, v in lan.server_options)[
+        (tcp, socket.TCP_CONGESTION)] == b"cubic"
+    server = {(lvl, opt): v for lvl, opt, v in web.server_options}
+    assert server[(tcp, socket.TCP_CONGESTION)] == b"reno"       # the command line's
+    assert server[(tcp, 18)] == 5000                              # --user-timeout
+    assert server[(socket.SOL_SOCKET, SO_MARK)] == 0x20
+    assert server[(socket.SOL_SOCKET, 47)] == 10_000_000          # 80 Mbit/s in bytes
+    assert web.server_dscp == COPY and web.touches_client
+    assert not lan.touches_client and lan.client_options == ()
+    assert policy.needs_syn and policy.needs_net_admin
+
+
+def test_ten_thousand_prefixes_and_the_longest_inside_a_shorter(tmp_path):
+    prefixes = ", ".join(f'"10.{i // 256}.{i % 256}.0/24"' for i in range(10_000))
+    policy = load(tmp_path, f"""
+        [[rule]]
+        name = "host"
+        destination = "10.0.5.7/32"
+        [[rule]]
+        name = "many"
+        destination = [{prefixes}]
+        [[rule]]
+        name = "wide"
+        destination = "10.0.0.0/8"
+        """)
+    assert choose(policy, "10.0.5.7") == "host"
+    assert choose(policy, "10.0.5.8") == "many"
+    assert choose(policy, "10.39.15.1") == "many"
+    assert choose(policy, "10.200.0.1") == "wide"
+    assert choose(policy, "11.0.0.1") == "default"
+
+
+def test_client_mptcp_is_read_from_the_saved_syn(tmp_path):
+    policy = load(tmp_path, """
+        [[rule]]
+        name = "mp"
+        client_mptcp = true
+        """)
+    assert policy.needs_syn
+    assert choose(policy, "10.9.9.9", sock=FakeSocket(syn(mptcp=True))) == "mp"
+    assert choose(policy, "10.9.9.9", sock=FakeSocket(syn(mptcp=False))) == "default"
+    assert choose(policy, "10.9.9.9", sock=FakeSocket()) == "default"
+
+
+def syn(mptcp: bool, tos: int = 0, version: int = 4) -> bytes:
+    options = bytes([2, 4, 5, 0xB4]) + (bytes([30, 12, 0, 0x81]) + bytes(8) if mptcp else b"")
+    options += bytes(-len(options) % 4)
+    tcp = bytes(12) + bytes([(20 + len(options)) // 4 << 4, 0x02]) + bytes(6) + options
+    if version == 4:
+        return bytes([0x45, tos]) + bytes(18) + tcp
+    return bytes([0x60 | tos >> 4, (tos & 0x0F) << 4]) + bytes(38) + tcp
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_saved_syn_fields(version):
+    assert syn_fields(syn(True, tos=46 << 2 | 1, version=version)) == (46, True)
+    assert syn_fields(syn(False, tos=10 << 2, version=version)) == (10, False)
+    assert syn_fields(b"\x45") == (None, False)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("[[rule]]\nname = 'a'\ndestinaton = '10.0.0.0/8'\n", "rule 1 (a): destinaton: unknown key"),
+    ("[[rule]]\ndestination = '10.0.0.300/8'\n", "rule 1: destination: '10.0.0.300/8' is not"),
+    ("[[rule]]\ndestination = '10.0.0.1/8'\n", "has host bits set"),
+    ("[[rule]]\n[[rule]]\nport = 70000\n", "rule 2: port: 70000"),
+    ("[[rule]]\nport = '9-3'\n", "port: '9-3'"),
+    ("[[rule]]\n[rule.server_leg]\ndscp = 64\n", "server_leg.dscp: 64"),
+    ("[[rule]]\n[rule.client_leg]\nspeed = 1\n", "client_leg.speed: unknown key"),
+    ("[[rule]]\n[rule.server_leg]\npacing_rate = 'fast'\n", "server_leg.pacing_rate"),
+    ("[[rule]]\nsource = '[300.1.1.1]:[0]'\n", "rule 1: source:"),
+    ("[[rule]]\nidle_timeout = 0\n", "idle_timeout: 0"),
+    ("[[rule]]\nname='x'\n[[rule]]\nname='x'\n", "rule 2: name 'x' is already taken"),
+    ("[[rule]]\nbypass = true\nport = 80\ndestination = '10.0.0.0/8'\n", "port: a bypass rule"),
+    ("[[rule]]\nbypass = true\n", "bypass: give the destination"),
+    ("[rules]\n", "unknown key 'rules'"),
+    ("[[rule]]\nname = 'a\n", "not valid TOML"),
+])
+def test_bad_input_names_file_rule_and_key(tmp_path, text, where):
+    with pytest.raises(PolicyError) as caught:
+        load(tmp_path, text)
+    assert str(caught.value).startswith(str(tmp_path / "policy.toml") + ": ")
+    assert where in str(caught.value)
+    assert caught.value.status == 64
+
+
+def test_probe_refuses_a_congestion_control_the_kernel_lacks(tmp_path):
+    with pytest.raises(PolicyError, match=r"rule 1 \(x\): server_leg.congestion: .*not available"):
+        load(tmp_path, "[[rule]]\nname = 'x'\n[rule.server_leg]\ncongestion = 'nosuchcc'\n",
+             probe=True)
+
+
+def test_a_missing_file_says_so(tmp_path):
+    with pytest.raises(PolicyError, match="can not read the policy"):
+        policy_file.load(str(tmp_path / "none.toml"), CONFIG)
+
+
+def test_the_bypass_list_for_tproxy_sh(tmp_path, capsys):
+    path = write(tmp_path, LAN + '[[rule]]\nbypass = true\nclient = ["fd00:9::/64"]\n')
+    assert policy_file.main([path]) == 0
+    assert capsys.readouterr().out == "4 dst 203.0.113.7/32\n6 src fd00:9::/64\n"
+    assert policy_file.main([str(tmp_path / "none")]) == 64
