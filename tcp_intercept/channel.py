@@ -14,6 +14,8 @@
                        "flush"  write out the log lines you hold; answer
                                 "flushed" (the master's line about a
                                 signal then stands after them)
+                       "policy SHA256"  load the policy file again, if
+                                its digest is that (the master checked it)
     worker -> master   "ready"  once, when the worker's loop runs
                        "pong"   at once after "ping" (also amid an answer)
                        "full", "room"  --when-full bypass: it stopped
@@ -23,6 +25,8 @@
                        "held ADDRESS N"   after "drain", with limits: what
                                 it holds, per client address
                        "closed ADDRESS N" then, as its connections close
+                       "matched RULE N"   N more connections got the
+                                policy rule RULE (each second, if any)
 
 Both ends are non-blocking and watched by their own loop: a slow reader
 never blocks the writer, whose lines wait in memory. The master's end
@@ -55,17 +59,19 @@ class Word(enum.StrEnum):
     CLOSED = "closed"
     FLUSH = "flush"       # master -> worker: write out your log lines now
     FLUSHED = "flushed"   # the answer
+    POLICY = "policy"
+    MATCHED = "matched"
 
 
-def count_line(word: Word, address: str, count: int) -> str:
-    """A HELD or CLOSED line."""
-    return f"{word} {address} {count}"
+def count_line(word: Word, what: str, count: int) -> str:
+    """A HELD, CLOSED (what: an address) or MATCHED (a rule's name) line."""
+    return f"{word} {what} {count}"
 
 
 def parse_count(line: str) -> tuple[Word, str, int] | None:
-    """(HELD or CLOSED, address, count) from such a line, else None."""
+    """(HELD, CLOSED or MATCHED, what, count) from such a line, else None."""
     parts = line.split()
-    if len(parts) == 3 and parts[0] in (Word.HELD, Word.CLOSED):
+    if len(parts) == 3 and parts[0] in (Word.HELD, Word.CLOSED, Word.MATCHED):
         return Word(parts[0]), parts[1], int(parts[2])
     return None
 

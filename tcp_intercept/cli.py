@@ -14,7 +14,7 @@ import sys
 
 from . import NAME, __version__, privileges, sockopts
 from .config import FIELDS, Config, Option
-from .errors import EX_OK, EX_USAGE, AddressError, Exit, UsageError
+from .errors import EX_OK, EX_USAGE, AddressError, Exit, PolicyError, UsageError
 
 USAGE_HEAD = """\
 Usage: {prog} [options]
@@ -72,7 +72,7 @@ def parse_args(argv: list[str], prog: str = NAME) -> Config:
 
 
 def _check(flags: dict) -> None:
-    for name in ("pid_file", "control"):
+    for name in ("pid_file", "control", "policy"):
         path = flags.get(name)
         if path is not None and not os.path.isabs(path):
             raise UsageError(f"--{name.replace('_', '-')}: {path!r} is not an absolute path")
@@ -120,10 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     except AddressError as err:
         sys.stderr.write(f"{err}\n")
         return err.status
+    policy = None
+    if config.policy:
+        from . import policy_file
+        try:
+            policy = policy_file.load(config.policy, config)
+        except PolicyError as err:
+            sys.stderr.write(f"{prog}: {err}\n")
+            return err.status
     from . import handover, startup  # the event loop and its C extension only past parsing
     if os.environ.get(handover.CHECK_ENV):
         return _check_upgrade(config)
-    return startup.run(config, handover.program())
+    return startup.run(config, handover.program(), policy)
 
 
 def _check_upgrade(config: Config) -> int:

@@ -200,6 +200,11 @@ class Config:
     idle_timeout: float | None = _opt(None, Option(
         ("--idle-timeout",), "Reset both sides of a connection that moved no byte either way "
         "for this long", "seconds", SECONDS))
+    # Per destination and per client: policy_file.py reads it, policy.py applies it.
+    policy: str | None = _opt(None, Option(
+        ("--policy",), "Policy file (TOML, absolute path): per destination and per client, "
+        "the options a connection gets, and what is never intercepted (see POLICY in the "
+        "man page); re-read on SIGHUP and tcp-intercept-ctl reload", "file", TEXT))
     # Least privilege: who the daemon becomes once its sockets are bound.
     user: str | None = _opt(None, Option(
         ("-u", "--user"), "Once listening, run as this user, keeping only the capabilities "

@@ -37,6 +37,7 @@ from .evloop import EVENTS, READ, WRITE, Loop
 from .logs import Log
 from .pipes import PipePool
 from .relay import Relay, interest
+from .policy import Policy
 from .recipe import Recipe
 from .table import ConnectionTable
 
@@ -60,6 +61,8 @@ class Context:
     log: Log | None
     # What a connection's legs get when no policy decides (recipe.py).
     recipe: Recipe = field(default_factory=Recipe)
+    # The policy that chooses a recipe per connection, if any (policy.py).
+    policy: Policy | None = None
     # Told of every connect() under way (--connect-timeout), when set.
     on_connecting: Callable[[Connection], None] | None = None
     # Told of every connection that closes (--max-connections, --max-per-client).

@@ -5,6 +5,10 @@ socket for tcp-intercept. One command per connection, answered, then closed:
     show conns     every connection of every worker, oldest first, after a
                    header line
     show metrics   the Prometheus text exposition (as GET /metrics)
+    show policy    the policy in force: its file, load time, rules and what
+                   each matched
+    reload         re-read the policy file (as SIGHUP does); a bad file
+                   changes nothing and the answer is "ERROR: " and why
     help           these commands
 
 An unknown command, or one longer than 1 KiB, gets one line starting with
@@ -30,6 +34,8 @@ HELP = """\
 show info      version, pid, uptime, options, counters, descriptors, memory
 show conns     every connection, oldest first, after a header line
 show metrics   the Prometheus text exposition
+show policy    the policy in force, where it came from, what each rule matched
+reload         re-read the policy file (--policy); ERROR and why if it is bad
 help           this list
 """
 
@@ -90,8 +96,10 @@ def remove_control_socket(path: str, file_id: tuple[int, int]) -> None:
 
 
 class Control:
-    def __init__(self, loop, sock: socket.socket, status: Status):
+    def __init__(self, loop, sock: socket.socket, status: Status,
+                 reload: Callable[[], tuple[bool, str]] | None = None):
         self.status = status
+        self.reload = reload  # -> (done, message): policy_keeper.PolicyKeeper.reload
         self.server = RequestServer(loop, sock, self._handle, end=b"\n",
                                     max_request=MAX_COMMAND)
 
@@ -107,6 +115,11 @@ class Control:
         elif command == "show metrics":
             from .metrics import exposition  # imported at start-up (startup.py)
             respond(exposition(self.status))
+        elif command == "show policy":
+            respond(_text(self.status.policy_lines()))
+        elif command == "reload" and self.reload is not None:
+            done, message = self.reload()
+            respond(f"{'' if done else 'ERROR: '}{message}\n".encode())
         elif command == "help":
             respond(HELP.encode())
         else:

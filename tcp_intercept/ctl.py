@@ -1,7 +1,8 @@
 """tcp-intercept-ctl: send one command to the daemon's control socket and
 print the answer, so nobody needs socat.
 
-    tcp-intercept-ctl [-s PATH] show info | show conns | show metrics | help
+    tcp-intercept-ctl [-s PATH] show info | show conns | show metrics | show policy
+                                | reload | help
 
 Exit status: 0 with the answer on stdout; 1 with a message on stderr when
 the daemon is not there, refuses us, does not answer, or says ERROR; 64 for
@@ -28,7 +29,7 @@ Options:
   -h --help           Displays this help message and exits
   -s --socket path    The control socket (default {DEFAULT_SOCKET})
 
-Commands: show info, show conns, show metrics, help
+Commands: show info, show conns, show metrics, show policy, reload, help
 """
 
 

@@ -54,14 +54,17 @@ def share(total: int, workers: int, number: int) -> int:
 
 class Limits:
     __slots__ = ("ctr", "max_connections", "max_per_client", "per_client", "refused",
-                 "logged", "full", "inherited", "inherited_from", "when_full")
+                 "logged", "full", "inherited", "inherited_from", "when_full", "counting")
 
     def __init__(self, ctr: memoryview, max_connections: int | None,
-                 max_per_client: int | None, when_full: str = QUEUE):
+                 max_per_client: int | None, when_full: str = QUEUE, per_client: bool = False):
+        """per_client: count per client address even without max_per_client
+        (a policy rule may give its connections a limit of their own)."""
         self.ctr = ctr
         self.when_full = when_full
         self.max_connections = max_connections
         self.max_per_client = max_per_client
+        self.counting = per_client or max_per_client is not None
         self.per_client: dict[str, int] = {}
         self.refused: dict[str, int] = {}    # refusals not logged yet, per address
         self.logged: dict[str, float] = {}   # when an address was last logged
@@ -90,23 +93,27 @@ class Limits:
             return True
         return False
 
-    def admit(self, address: str, now: float) -> bool:
-        """Whether a new connection from address may be relayed; counts it."""
-        if self.max_per_client is None:
+    def admit(self, address: str, now: float, limit: int | None = -1) -> bool:
+        """Whether a new connection from address may be relayed; counts it.
+        limit: the connection's own per-client limit (its policy rule's;
+        None: none), else --max-per-client."""
+        if not self.counting:
             return True
+        if limit == -1:
+            limit = self.max_per_client
         held = self.per_client.get(address, 0)
-        if held + self.inherited_from.get(address, 0) < self.max_per_client:
+        if limit is None or held + self.inherited_from.get(address, 0) < limit:
             self.per_client[address] = held + 1
             return True
         self.ctr[counters.LIMITED_MAX_PER_CLIENT] += 1
         self.refused[address] = self.refused.get(address, 0) + 1
         if now - self.logged.get(address, 0.0) >= LOG_EVERY:
-            self._say(address, now)
+            self._say(address, now, limit)
         return False
 
     def release(self, address: str) -> None:
         """A connection from address closed."""
-        if self.max_per_client is None:
+        if not self.counting:
             return
         held = self.per_client[address] - 1
         if held:
@@ -134,10 +141,10 @@ class Limits:
     def bypass(self) -> bool:
         return self.when_full == BYPASS
 
-    def _say(self, address: str, now: float) -> None:
+    def _say(self, address: str, now: float, limit: int) -> None:
         count = self.refused.pop(address)
         log.warning("[{}] already has {} connections (--max-per-client): reset {} "
-                    "new one(s) from it", address, self.max_per_client, count)
+                    "new one(s) from it", address, limit, count)
         if len(self.logged) >= FORGET_AFTER:
             self.logged = {a: t for a, t in self.logged.items() if now - t < LOG_EVERY}
             self.refused = {a: n for a, n in self.refused.items() if a in self.logged}

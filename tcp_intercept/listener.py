@@ -24,6 +24,7 @@ from .evloop import READ
 from .limits import Limits
 from .sockopts import IPPROTO_MPTCP, set_transparent
 
+TCP_SAVE_SYN = 27
 ACCEPT_BATCH = 64
 BACKOFF = 0.5          # seconds without accept() once descriptors run out
 # Errors that concern only the connection being accepted.
@@ -178,11 +179,14 @@ class Listener:
             client.close()
             self._back_off(err)
             return False
-        if self.limits is not None and not self.limits.admit(peer[0], self.ctx.loop.now()):
+        policy = self.ctx.policy
+        recipe = self.ctx.recipe if policy is None else policy.choose(client, peer, dst)
+        if self.limits is not None and \
+                not self.limits.admit(peer[0], self.ctx.loop.now(), recipe.max_per_client):
             reset_on_close(client)  # refused, not served
             client.close()
             return True
-        Connection(self.ctx, client, peer, dst)
+        Connection(self.ctx, client, peer, dst, recipe)
         return True
 
     def _release(self, connection: Connection) -> None:
@@ -202,6 +206,17 @@ class Listener:
     def forget(self, address: str, count: int) -> None:
         self.limits.forget(address, count)
         self._room_again()
+
+    def save_syn(self, on: bool) -> None:
+        """Whether the kernel keeps each client's SYN for us (TCP_SAVE_SYN):
+        a policy reads it for DSCP copy and the client's MPTCP."""
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, int(on))
+        except OSError as err:
+            if on:
+                log.error("TCP_SAVE_SYN on the listening socket: {}: the policy's dscp = "
+                          "\"copy\" and client_mptcp can not read the client's SYN",
+                          err.strerror)
 
     def _room_again(self) -> None:
         """Accept (and with bypass, listen) again if the limit had stopped us."""

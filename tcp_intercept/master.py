@@ -42,6 +42,8 @@ from .errors import EX_OSERR, EX_SOFTWARE
 from .evloop import Loop
 from .liveness import PING_EVERY, Heartbeat, Pinger
 from .logs import Log
+from .policy import Policy
+from .policy_keeper import PolicyKeeper
 from .status import Status
 from .worker import Worker
 
@@ -100,7 +102,8 @@ class Sockets:
 
 class Master:
     def __init__(self, config: Config, sockets: Sockets, logs: Log, board: Board,
-                 command: list[str], taken: handover.Handover | None = None):
+                 command: list[str], taken: handover.Handover | None = None,
+                 policy: Policy | None = None):
         self.config = config
         self.sockets = sockets
         self.listeners = sockets.listeners
@@ -112,9 +115,10 @@ class Master:
         self.upgrading = taken is not None
         self.loop = Loop(on_error=self._on_error)
         self.workers: dict[int, WorkerHandle] = {}
-        self.status = Status(config, board, self.loop, self.workers, self.started)
+        self.policy = PolicyKeeper(config, policy, self._tell_policy)
+        self.status = Status(config, board, self.loop, self.workers, self.started, self.policy)
         self.control = None if sockets.control is None else \
-            Control(self.loop, sockets.control, self.status)
+            Control(self.loop, sockets.control, self.status, self.policy.reload)
         self.metrics_endpoint = None
         if sockets.metrics is not None:
             from .metrics import MetricsEndpoint, exposition
@@ -217,7 +221,7 @@ class Master:
             _close_all_but(keep)
             self.logs.detach()
             worker = Worker(self.config, number, listener, channel, self.board.slot(slot),
-                            self.logs)
+                            self.logs, self.policy.policy)
             return worker.run()
         except BaseException:
             log.opt(exception=True).error("Worker {} failed", number)
@@ -234,7 +238,10 @@ class Master:
         elif line == Word.FLUSHED:
             self._flushed(handle.pid)
         elif (counted := parse_count(line)) is not None:
-            self._pass_on(handle, line, *counted)
+            if counted[0] == Word.MATCHED:
+                self.policy.add(*counted[1:])
+            else:
+                self._pass_on(handle, line, *counted)
         elif handle.conns_waiting:
             if line:
                 handle.conns_lines.append(line)
@@ -479,6 +486,7 @@ class Master:
         self.stop_timer.start(self.loop.stop)
 
     # SIGHUP: logrotate moved the log file away; every process reopens it.
+    # It re-reads the policy too, if there is one (policy_keeper.py).
     def _on_hup(self, signum: int) -> None:
         self._in_order(self._reopen)
 
@@ -486,6 +494,15 @@ class Master:
         self.logs.reopen()
         for handle in self.workers.values():
             _kill(handle.pid, signal.SIGHUP)
+        if self.config.policy:
+            self.policy.reload()
+
+    def _tell_policy(self, digest: str) -> None:
+        """A reloaded policy: every worker of ours loads it (not an old
+        program's: it may not know the word)."""
+        for handle in self.workers.values():
+            if handle.state in (State.STARTING, State.SERVING):
+                handle.channel.send(f"{Word.POLICY} {digest}")
 
     def _on_error(self, context, err: BaseException) -> None:
         log.opt(exception=err).error("Unexpected error in {}", context)

@@ -56,6 +56,16 @@ class DaemonCollector:
         full.add_metric([self.source.when_full()], 1)
         yield full
         yield from _processes(self.source.pids())
+        matches = self.source.policy_matches()
+        if matches:
+            # A label per rule: the policy's names, a bounded set (the guide's
+            # rule against unbounded labels is about addresses and such).
+            family = CounterMetricFamily("tcp_intercept_policy_matches",
+                                         "Connections each policy rule matched (default: none)",
+                                         labels=["rule"])
+            for rule, count in matches.items():
+                family.add_metric([rule], count)
+            yield family
 
 
 def _families(totals: list[int]):

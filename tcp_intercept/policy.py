@@ -108,8 +108,9 @@ class PrefixTable:
 class Policy:
     """A loaded policy: its rules, where it came from, what each matched."""
 
-    def __init__(self, path: str, rules: list[Rule], default: Recipe):
+    def __init__(self, path: str, rules: list[Rule], default: Recipe, digest: str = ""):
         self.path = path
+        self.digest = digest  # the file's SHA-256: what a reload tells the workers to load
         self.loaded = time.time()
         self.rules = rules
         self.default = default
@@ -127,6 +128,7 @@ class Policy:
         self.needs_syn = any(rule.recipe.server_dscp == COPY or rule.recipe.client_dscp == COPY
                              or rule.client_mptcp is not None for rule in active)
         self.needs_net_admin = any(needs_net_admin(rule.recipe) for rule in active)
+        # Matches since the worker last reported them to the master.
         self.matched = dict.fromkeys([rule.name for rule in active] + ["default"], 0)
 
     def choose(self, client: socket.socket, peer: tuple, dst: tuple) -> Recipe:
@@ -161,6 +163,26 @@ class Policy:
         for rule in self.rules:
             lines.append(f"Rule: {rule.describe()}" + (" bypass" if rule.bypass else ""))
         return lines
+
+    def recipes(self) -> list[Recipe]:
+        return [self.default, *(rule.recipe for rule in self.rules if not rule.bypass)]
+
+    def congestions(self) -> set[str]:
+        """Every congestion control a rule names (either leg)."""
+        return {value.decode() for recipe in self.recipes()
+                for level, option, value in (*recipe.server_options, *recipe.client_options)
+                if (level, option) == (socket.IPPROTO_TCP, sockopts.TCP_CONGESTION)}
+
+    def bind_ports(self) -> list[int]:
+        """The ports of the fixed source addresses rules give."""
+        return [recipe.bind_address[1] for recipe in self.recipes() if recipe.bind_address]
+
+    def take_matched(self) -> dict[str, int]:
+        """The matches counted since the last call, per rule name (nonzero)."""
+        taken = {name: count for name, count in self.matched.items() if count}
+        for name in taken:
+            self.matched[name] = 0
+        return taken
 
 
 def _address(text: str) -> tuple[int, int] | None:

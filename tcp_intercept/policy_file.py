@@ -11,6 +11,7 @@ a mark or for spoofing the client's address.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -29,6 +30,7 @@ from .recipe import COPY, Recipe
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 MAX_BYTES = 1 << 31
+MAX_FILE = 64 << 20  # a policy file longer than this is a mistake
 NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps|b|byte|bytes)?(?:/s)?", re.I)
 UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
@@ -45,9 +47,15 @@ def load(path: str, config, probe: bool = True) -> Policy:
     only the kernel can say (congestion controls, the capability a mark needs)."""
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            text = f.read(MAX_FILE + 1)
     except OSError as err:
         raise PolicyError(f"{path}: can not read the policy: {err.strerror}") from None
+    if len(text) > MAX_FILE:
+        raise PolicyError(f"{path}: longer than {MAX_FILE >> 20} MiB")
+    try:
+        data = tomllib.loads(text.decode())
+    except UnicodeDecodeError as err:
+        raise PolicyError(f"{path}: not UTF-8 text: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise PolicyError(f"{path}: not valid TOML: {err}") from None
     unknown = set(data) - {"rule"}
@@ -65,7 +73,7 @@ def load(path: str, config, probe: bool = True) -> Policy:
             raise PolicyError(f"{path}: rule {number}: name {rule.name!r} is already taken")
         names.add(rule.name)
         rules.append(rule)
-    return Policy(os.path.abspath(path), rules, default)
+    return Policy(os.path.abspath(path), rules, default, hashlib.sha256(text).hexdigest())
 
 
 class _Where:

@@ -74,12 +74,17 @@ def identity(user: str, group: str | None = None) -> Identity:
     return Identity(entry.pw_name, entry.pw_uid, gid, group_name, groups)
 
 
-def needed(config: Config) -> list[str]:
-    """The capabilities the daemon still needs once it runs."""
+def needed(config: Config, policy=None) -> list[str]:
+    """The capabilities the daemon still needs once it runs (with policy,
+    a policy.Policy: for its rules as well)."""
     caps = []
-    if config.spoof_client or (config.congestion and not _allowed(config.congestion)):
+    congestions = [config.congestion, *(policy.congestions() if policy else ())]
+    if config.spoof_client or (policy is not None and policy.needs_net_admin) or \
+            any(name and not _allowed(name) for name in congestions):
         caps.append("CAP_NET_ADMIN")
-    if config.outgoing is not None and 0 < config.outgoing.port < 1024:
+    ports = [config.outgoing.port if config.outgoing is not None else 0,
+             *(policy.bind_ports() if policy else ())]
+    if any(0 < port < 1024 for port in ports):
         caps.append("CAP_NET_BIND_SERVICE")
     return caps
 

@@ -80,7 +80,8 @@ class Recipe:
         if COPY in (self.server_dscp, self.client_dscp):
             dscp = syn_dscp(client)
         if self.client_dscp is not None:
-            _set_dscp(client, dscp if self.client_dscp == COPY else self.client_dscp)
+            _set_dscp(client, dscp if self.client_dscp == COPY else self.client_dscp,
+                      client.getpeername()[0])
         return dscp
 
     def open_server(self, family: int, reserve: Reserve) -> socket.socket:
@@ -98,7 +99,7 @@ class Recipe:
         for level, option, value in self.server_options:
             server.setsockopt(level, option, value)
         if self.server_dscp is not None:
-            _set_dscp(server, dscp if self.server_dscp == COPY else self.server_dscp)
+            _set_dscp(server, dscp if self.server_dscp == COPY else self.server_dscp, peer[0])
         if self.spoof_client:
             set_transparent(server)
             # The client may reuse its port while our previous socket on it
@@ -142,18 +143,22 @@ def listener_options(config: Config) -> list[tuple[int, int, object]]:
     return tcp_options(config, config.client_congestion)
 
 
-def _set_dscp(sock: socket.socket, dscp: int | None) -> None:
+def _set_dscp(sock: socket.socket, dscp: int | None, peer: str) -> None:
+    """The DSCP of what sock sends to peer (an address: IPv4-mapped ones
+    travel as IPv4 and take IP_TOS)."""
     if dscp is None:
         return
     tos = dscp << 2  # the two ECN bits stay the kernel's
-    if sock.family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TCLASS, tos)
-        try:  # an IPv4-mapped peer's packets take IP_TOS
-            sock.setsockopt(socket.SOL_IP, socket.IP_TOS, tos)
-        except OSError:
-            pass
-    else:
+    if sock.family != socket.AF_INET6 or peer.startswith("::ffff:"):
         sock.setsockopt(socket.SOL_IP, socket.IP_TOS, tos)
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TCLASS, tos)
+    except OSError as err:
+        # Linux's MPTCP sockets refuse IPV6_TCLASS (6.x): such a leg keeps
+        # the kernel's DSCP rather than fail the connection.
+        if err.errno != errno.EOPNOTSUPP or sock.proto != IPPROTO_MPTCP:
+            raise
 
 
 def syn_dscp(client: socket.socket) -> int | None:

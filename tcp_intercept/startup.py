@@ -28,6 +28,7 @@ from .detach import Launch, detach, notify, write_pid_file
 from .errors import EX_OSERR, CapabilityError, PrivilegeError, StartupError
 from .listener import open_listeners
 from .logs import Log
+from .policy import Policy
 from .recipe import listener_options
 from .master import Master, Sockets
 from .steering import steer_by_client
@@ -36,7 +37,7 @@ from .steering import steer_by_client
 FEW_DESCRIPTORS = 4096
 
 
-def run(config: Config, command: list[str]) -> int:
+def run(config: Config, command: list[str], policy: Policy | None = None) -> int:
     """The daemon, from parsed options to exit status. command: how this
     process was started, to exec again for an upgrade (handover.py)."""
     taken = handover.take()
@@ -47,7 +48,7 @@ def run(config: Config, command: list[str]) -> int:
         print(f"Can not open log file {config.log_file}: {err.strerror}", file=sys.stderr)
         return EX_OSERR
     if taken is not None:
-        return _take_over(config, command, taken, logs)
+        return _take_over(config, command, taken, logs, policy)
     log.info("{} version {} starting up", NAME, __version__)
     sockets = Sockets()
     try:
@@ -55,10 +56,7 @@ def run(config: Config, command: list[str]) -> int:
     except StartupError as err:
         sockets.close()
         return _fatal(logs, err)
-    if config.spoof_client:
-        log.info("Outgoing connections will connect from original source address")
-    else:
-        log.info("Outgoing connections will connect from {}", config.outgoing)
+    _say_outgoing(config, policy)
     launch = Launch()
     if not config.foreground:
         logs.close()  # reopened below: python-daemon closes what it does not know
@@ -68,14 +66,14 @@ def run(config: Config, command: list[str]) -> int:
         launch = result
         logs.open(detached=True)
     try:
-        pidfile = _settle(config, logs)
+        pidfile = _settle(config, logs, policy)
     except StartupError as err:
         launch.report(err.status, str(err))
         sockets.close()
         return _fatal(logs, err)
     # A slot per worker, and room for the workers of upgrades (old and new).
     board = Board(slots=4 * config.workers + 8)
-    master = Master(config, sockets, logs, board, command)
+    master = Master(config, sockets, logs, board, command, policy=policy)
 
     def ready(status: int, message: str) -> None:
         launch.report(status, message)
@@ -88,8 +86,17 @@ def run(config: Config, command: list[str]) -> int:
     return _serve(master, ready, pidfile)
 
 
+def _say_outgoing(config: Config, policy: Policy | None) -> None:
+    if config.spoof_client:
+        log.info("Outgoing connections will connect from original source address")
+    else:
+        log.info("Outgoing connections will connect from {}", config.outgoing)
+    if policy is not None:
+        log.info("Policy {}: {} rule(s)", policy.path, len(policy.rules))
+
+
 def _take_over(config: Config, command: list[str], taken: handover.Handover,
-               logs: Log) -> int:
+               logs: Log, policy: Policy | None) -> int:
     """Started by an upgrade: adopt what the old program handed over."""
     log.info("{} version {} taking over from version {} (pid {} stays)", NAME, __version__,
              taken.version, os.getpid())
@@ -99,10 +106,10 @@ def _take_over(config: Config, command: list[str], taken: handover.Handover,
                       control_file=tuple(taken.control_file) if taken.control_file else None,
                       metrics=None if taken.metrics is None else handover.adopt(taken.metrics))
     try:
-        _drop_privileges(config, logs)  # already done: keeps no more than before
+        _drop_privileges(config, logs, policy)  # already done: keeps no more than before
     except StartupError as err:
         log.error("{}", err)  # nothing better to do than go on as we are
-    master = Master(config, sockets, logs, Board(fd=taken.board), command, taken)
+    master = Master(config, sockets, logs, Board(fd=taken.board), command, taken, policy)
     # The pid file holds our pid already; it goes at exit as before.
     pidfile = TimeoutPIDLockFile(config.pid_file) if config.pid_file else None
     return _serve(master, lambda status, message: None, pidfile)
@@ -129,12 +136,12 @@ def _serve(master: Master, ready, pidfile) -> int:
     master.logs.close()
     return outcome[0] if outcome else EX_OSERR
 
-def _settle(config: Config, logs: Log) -> TimeoutPIDLockFile | None:
+def _settle(config: Config, logs: Log, policy: Policy | None) -> TimeoutPIDLockFile | None:
     """Detached: the pid file, the descriptor limit, then privileges dropped."""
     pidfile = write_pid_file(config.pid_file) if config.pid_file else None
     _raise_descriptor_limit()
     try:
-        _drop_privileges(config, logs)
+        _drop_privileges(config, logs, policy)
     except StartupError:
         if pidfile is not None:
             pidfile.release()
@@ -142,13 +149,13 @@ def _settle(config: Config, logs: Log) -> TimeoutPIDLockFile | None:
     return pidfile
 
 
-def _drop_privileges(config: Config, logs: Log) -> None:
+def _drop_privileges(config: Config, logs: Log, policy: Policy | None) -> None:
     """Become --user with only the capabilities still needed (privileges.py)."""
     who = privileges.identity(config.user, config.group) if config.user else None
     if who is not None and os.geteuid() == 0 and logs.path:
         _give_log_file(logs, who)
     try:
-        said = privileges.drop(who, privileges.needed(config))
+        said = privileges.drop(who, privileges.needed(config, policy))
     except PrivilegeError as err:
         raise StartupError(str(err)) from None
     if said:
@@ -170,7 +177,8 @@ def _open_sockets(config: Config, sockets: Sockets) -> None:
     try:
         sockets.listeners = open_listeners(config.listen, options, config.workers,
                                            mptcp=config.mptcp_listen)
-        if config.max_per_client and config.workers > 1:
+        # A policy rule may limit per client: one worker must see all of a client.
+        if (config.max_per_client or config.policy) and config.workers > 1:
             steer_by_client(sockets.listeners)
     except CapabilityError as err:
         raise StartupError(str(err)) from None

@@ -15,6 +15,7 @@ from .channel import State, Word
 from .config import Config
 from .counters import FIELDS, Board
 from .evloop import Loop
+from .policy_keeper import PolicyKeeper
 
 ANSWER_TIMEOUT = 5.0   # seconds a worker gets to list its connections
 
@@ -25,8 +26,9 @@ class Status:
     pid, slot, state, channel, conns_waiting)."""
 
     def __init__(self, config: Config, board: Board, loop: Loop, workers: Mapping,
-                 started: float):
+                 started: float, policy: PolicyKeeper | None = None):
         self.config = config
+        self.policy = policy
         self.board = board
         self.loop = loop
         self.workers = workers
@@ -37,6 +39,13 @@ class Status:
 
     def pids(self) -> list[int]:
         return [os.getpid(), *sorted(self.workers)]
+
+    def policy_lines(self) -> list[str]:
+        return self.policy.lines() if self.policy is not None else []
+
+    def policy_matches(self) -> dict[str, int]:
+        """Per rule name, the connections it matched (none without --policy)."""
+        return self.policy.totals() if self.policy is not None else {}
 
     def workers_serving(self) -> int:
         return sum(h.state == State.SERVING for h in self.workers.values())

@@ -23,7 +23,9 @@ from loguru import logger as log
 
 from . import recipe, report
 from .channel import Channel, Word, count_line, parse_count
+from . import policy_file
 from .config import Config
+from .errors import PolicyError
 from .connection import Context
 from .evloop import Loop
 from .limits import Limits
@@ -31,6 +33,7 @@ from .limits import share as limits_share
 from .listener import Listener
 from .logs import Log
 from .pipes import PipePool
+from .policy import Policy
 from .table import ConnectionTable
 from .timeouts import Deadlines
 
@@ -38,30 +41,38 @@ PIPE_TRIM_INTERVAL = 1.0  # seconds; idle pipes go after one to two of these
 # Connections listed per loop iteration for "conns": at about 3.7 us each,
 # relaying pauses under a millisecond however long the table is.
 CONNS_SLICE = 200
+MATCH_REPORT = 1.0  # seconds between two reports of the policy's matches
 
 
 class Worker:
     def __init__(self, config: Config, number: int, listener_sock: socket.socket,
-                 channel_sock: socket.socket, ctr: memoryview, logs: Log):
+                 channel_sock: socket.socket, ctr: memoryview, logs: Log,
+                 policy: Policy | None = None):
         self.config = config
+        self.number = number
         self.logs = logs
         self.loop = Loop(on_error=self._on_error)
         self.pool = PipePool(ctr)
         self.table = ConnectionTable()
-        self.deadlines = Deadlines(self.loop, self.table, config.connect_timeout,
-                                   config.idle_timeout)
+        self.deadlines = Deadlines(self.loop, self.table)
         self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table, ctr=ctr,
                            log=None if config.quiet else logs,
                            recipe=recipe.from_config(config))
-        if config.connect_timeout:
+        self.deadlines.expect([self.ctx.recipe])
+        if config.connect_timeout or config.policy:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None
-        self.limited = bool(config.max_connections or config.max_per_client)
+        # A policy's rules may limit per client (now or after a reload).
+        self.limited = bool(config.max_connections or config.max_per_client or config.policy)
         if self.limited:
             share = config.max_connections and \
                 limits_share(config.max_connections, config.workers, number)
-            limits = Limits(ctr, share, config.max_per_client, config.when_full)
+            limits = Limits(ctr, share, config.max_per_client, config.when_full,
+                            per_client=bool(config.policy))
         self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx, limits)
+        self.match_timer = self.loop.timer(MATCH_REPORT, MATCH_REPORT)
+        if policy is not None:
+            self._use_policy(policy)
         self.channel = Channel(self.loop, channel_sock, self._on_command, self._on_master_gone)
         self.listener.on_bypass = self._on_bypass
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
@@ -88,7 +99,8 @@ class Worker:
         """Serve until told to stop; the exit status."""
         self.listener.start()
         self.trim.start(self.pool.trim)
-        self.deadlines.start()
+        if self.config.policy:
+            self.match_timer.start(self._report_matches)
         self.logs.attach(self.loop)
         self.channel.send(Word.READY)
         self.loop.run()
@@ -111,6 +123,8 @@ class Worker:
             self.channel.send(Word.FLUSHED)
         elif (counted := parse_count(line)) is not None:
             self._predecessor(*counted)
+        elif line.startswith(f"{Word.POLICY} "):
+            self._reload_policy(line.split(" ", 1)[1])
         else:
             log.error("Unknown command from the master: {!r}", line)
 
@@ -129,6 +143,37 @@ class Worker:
         """--when-full bypass: the master holds back the firewall's heartbeat
         while every worker stands aside (liveness.py)."""
         self.channel.send(Word.FULL if bypassing else Word.ROOM)
+
+    # -- the policy (policy_keeper.py tells the master's side) ---------------
+
+    def _use_policy(self, policy: Policy) -> None:
+        """policy for the connections accepted from now on; those open keep theirs."""
+        self.ctx.policy = policy
+        self.deadlines.expect(policy.recipes())
+        if self.listener is not None:
+            self.listener.save_syn(policy.needs_syn)
+
+    def _reload_policy(self, digest: str) -> None:
+        """The master reloaded the policy file (it read digest, SHA-256)."""
+        try:
+            policy = policy_file.load(self.config.policy, self.config)
+        except PolicyError as err:
+            log.error("Worker {}: policy not reloaded, the old one stays: {}", self.number, err)
+            return
+        if policy.digest != digest:
+            log.error("Worker {}: policy not reloaded, the old one stays: {} changed while it "
+                      "was reloaded (reload again)", self.number, self.config.policy)
+            return
+        self._report_matches()
+        self._use_policy(policy)
+
+    def _report_matches(self) -> None:
+        """Tell the master what each rule matched since the last report."""
+        if self.ctx.policy is not None:
+            taken = self.ctx.policy.take_matched()
+            if taken:
+                self.channel.send(*(count_line(Word.MATCHED, name, count)
+                                    for name, count in taken.items()))
 
     # EOF on the channel: the master died (it never closes it otherwise).
     def _on_master_gone(self) -> None:
@@ -209,7 +254,8 @@ class Worker:
             self.listener = None
         for connection in self.table.connections():
             connection.close()
-        watchers = [*self.signals, self.trim, self.conns_timer]
+        self._report_matches()
+        watchers = [*self.signals, self.trim, self.conns_timer, self.match_timer]
         if self.drain_timer is not None:
             watchers.append(self.drain_timer)
         for watcher in watchers:

@@ -19,7 +19,8 @@ EX_OK, EX_USAGE, EX_DATAERR = 0, 64, 65
 def started(monkeypatch):
     """The Configs main() would have run the daemon with."""
     configs = []
-    monkeypatch.setattr(startup, "run", lambda config, command: configs.append(config) or 0)
+    monkeypatch.setattr(startup, "run",
+                        lambda config, command, policy=None: configs.append(config) or 0)
     return configs
 
 
@@ -216,3 +217,22 @@ def test_version_goes_to_stdout_and_exits_0(option, started, capsys):
     assert captured.out.startswith(f"tcp-intercept version {__version__}\n")
     assert not captured.err
     assert not started
+
+
+def test_a_bad_policy_stops_the_start_with_64_naming_file_rule_and_key(tmp_path, capsys,
+                                                                       started):
+    path = tmp_path / "policy.toml"
+    path.write_text("[[rule]]\nname = 'lte'\n[rule.server_leg]\ncongestion = 'nosuch'\n")
+    assert cli.main(["-f", "--policy", str(path)]) == 64
+    err = capsys.readouterr().err
+    assert f"{path}: rule 1 (lte): server_leg.congestion: " in err and "nosuch" in err
+    assert started == []
+    assert cli.main(["-f", "--policy", "policy.toml"]) == 64  # relative: not after detaching
+    assert "--policy: 'policy.toml' is not an absolute path" in capsys.readouterr().err
+
+
+def test_a_good_policy_goes_to_the_daemon(tmp_path, started):
+    path = tmp_path / "policy.toml"
+    path.write_text("[[rule]]\ndestination = '192.0.2.0/24'\n")
+    assert cli.main(["-f", "--policy", str(path)]) == EX_OK
+    assert started[0].policy == str(path)

@@ -16,7 +16,7 @@ PATH = {"listener", "limits", "connection", "relay", "pipes", "table", "timeouts
         "descriptors", "steering", "sockopts", "address", "config", "evloop", "errors",
         "counters", "logs", "recipe", "policy", "policy_file"}
 PROCESSES = {"cli", "startup", "master", "worker", "channel", "handover", "privileges",
-             "detach", "liveness"}
+             "detach", "liveness", "policy_keeper"}
 OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl"}
 
 pytestmark = pytest.mark.unit

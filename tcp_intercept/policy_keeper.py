@@ -1,0 +1,90 @@
+"""The master's side of the policy: the one in force, its reload, and what
+each rule matched.
+
+Reload (tcp-intercept-ctl reload, SIGHUP): the master reads and checks the
+file (policy_file.py). A bad file changes nothing: the error goes to the
+log and to the reloading command's answer, and the old policy stays in
+force everywhere. A good one replaces the master's (workers started from
+now on are forked with it) and each worker is told to load it too, by the
+file's SHA-256: a worker that reads something else (the file changed in
+between) keeps its old policy and says so in the log. A worker applies the
+new policy to the connections it accepts from then on; connections already
+open keep the recipe they were given.
+
+Matches: each worker counts per rule and reports the counts of the last
+second over its channel (`matched RULE N`); the master adds them up by rule
+name for show policy and tcp_intercept_policy_matches_total. A worker that
+dies loses at most its last second of counts; the totals start again at
+zero after an upgrade, as a new program's counters do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from loguru import logger as log
+
+from . import policy_file
+from .config import Config
+from .errors import PolicyError
+from .policy import Policy
+
+
+class PolicyKeeper:
+    def __init__(self, config: Config, policy: Policy | None,
+                 tell_workers: Callable[[str], None]):
+        self.config = config
+        self.policy = policy
+        self.tell_workers = tell_workers  # sends one line to every serving worker
+        self.matched: Counter = Counter()
+        self.failed: str | None = None    # the last reload's error, while it stands
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the policy; (whether it is in force now, what to tell the operator)."""
+        path = self.config.policy
+        if path is None:
+            return False, "no policy to reload: the daemon was started without --policy"
+        try:
+            new = policy_file.load(path, self.config)
+        except PolicyError as err:
+            self.failed = str(err)
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.policy.loaded))
+            message = f"policy not reloaded, the one loaded at {since} stays: {err}"
+            log.error("{}", message)
+            return False, message
+        self.policy, self.failed = new, None
+        self.tell_workers(new.digest)
+        message = f"Policy reloaded from {new.path}: {len(new.rules)} rule(s)"
+        log.info("{}", message)
+        return True, message
+
+    def add(self, rule: str, count: int) -> None:
+        """A worker's report: count more connections matched rule."""
+        self.matched[rule] += count
+
+    def lines(self) -> list[str]:
+        """show policy: the rules in force, where they came from, what each matched."""
+        if self.policy is None:
+            return ["Policy: none (every connection gets the command line's options)"]
+        lines = self.policy.describe()
+        if self.failed:
+            lines.insert(2, f"Last_reload_failed: {self.failed}")
+        lines = [line + self._matched_suffix(line) for line in lines]
+        lines.append(f"Default: matched={self.matched['default']}")
+        return lines
+
+    def _matched_suffix(self, line: str) -> str:
+        if not line.startswith("Rule: ") or line.endswith(" bypass"):
+            return ""
+        name = line.split()[2]
+        return f" matched={self.matched[name]}"
+
+    def totals(self) -> dict[str, int]:
+        """Per rule name, every match since start-up (rules of earlier
+        policies included), for the metrics."""
+        if self.policy is None:
+            return {}
+        names = [rule.name for rule in self.policy.rules if not rule.bypass] + ["default"]
+        return {**dict.fromkeys(names, 0), **self.matched}

@@ -1,0 +1,344 @@
+"""The policy on real connections: two servers behind the router, a "near"
+one (the usual server namespace) and a "far" one behind a link shaped with
+tc tbf; each connection must get its rule's recipe, seen from the kernel:
+getsockopt() on the daemon's own sockets and ss for congestion control,
+buffers and pacing, nft counters in the router for marks, tcpdump in the
+server namespaces for DSCP, the protocol for MPTCP. A reload under traffic
+changes new connections only and cuts none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import textwrap
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from .netns import inside, wait_for
+from .peers import ECHO, PeerServer, exchange, payload, sha256
+from .topology import Topology
+
+IPPROTO_MPTCP = 262
+SO_MARK = 36
+SO_MAX_PACING_RATE = 47
+TCP_NOTSENT_LOWAT = 25
+
+
+class PolicyWorld(Topology):
+    """The Topology plus a far server namespace behind a 20 Mbit/s link::
+
+        <tag>-rtr rf 10.91.4.1/24 <-tbf 20mbit-> f0 10.91.4.2/24 <tag>-far
+                     fd91:4::1/64                   fd91:4::2/64
+    """
+
+    ROUTER4_F, FAR4, ROUTER6_F, FAR6 = "10.91.4.1", "10.91.4.2", "fd91:4::1", "fd91:4::2"
+
+    def __init__(self):
+        super().__init__()
+        self.far = f"{self.tag}-far"
+
+    def up(self) -> None:
+        super().up()
+        subprocess.run(["ip", "netns", "add", self.far], check=True, timeout=10)
+        self._made.append(self.far)
+        self._prepare(self.far)
+        self.run(self.far, "ip", "link", "add", "f0", "type", "veth", "peer", "name", "rf",
+                 "netns", self.rtr)
+        self._address(self.rtr, "rf", f"{self.ROUTER4_F}/24", f"{self.ROUTER6_F}/64")
+        self._address(self.far, "f0", f"{self.FAR4}/24", f"{self.FAR6}/64")
+        self.run(self.far, "ip", "route", "add", "default", "via", self.ROUTER4_F)
+        self.run(self.far, "ip", "-6", "route", "add", "default", "via", self.ROUTER6_F)
+        for ns, dev in ((self.rtr, "rf"), (self.far, "f0")):
+            self.run(ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "20mbit",
+                     "burst", "64kb", "latency", "50ms")
+        for ns in (self.rtr, self.srv, self.far):
+            self.run(ns, "sysctl", "-qw", "net.mptcp.enabled=1")
+
+
+WORLD = PolicyWorld
+
+POLICY = """
+[[rule]]
+name = "far"
+destination = ["{far}/32", "{far6}/128"]
+keepalive = {{ idle = 33, interval = 7, count = 3 }}
+[rule.server_leg]
+congestion = "bbr"
+mark = 0x42
+sndbuf = 1048576
+notsent_lowat = 131072
+pacing_rate = "16mbit"
+dscp = 46
+[rule.client_leg]
+congestion = "reno"
+rcvbuf = 524288
+
+[[rule]]
+name = "near-copy"
+destination = "{near}/32"
+port = {echo}
+mptcp = true
+[rule.server_leg]
+dscp = "copy"
+mark = 0x44
+"""
+
+
+@pytest.fixture(scope="module")
+def far_peers(topo):
+    with PeerServer(SimpleNamespace(srv=topo.far)) as server:
+        yield server
+
+
+def write_policy(path, text: str, topo) -> str:
+    path.write_text(textwrap.dedent(text).format(far=topo.FAR4, far6=topo.FAR6,
+                                                 near=topo.SERVER4, echo=ECHO))
+    return str(path)
+
+
+@pytest.fixture
+def daemon(topo, peers, far_peers, start_daemon, tmp_path):
+    policy = write_policy(tmp_path / "policy.toml", POLICY, topo)
+    # On [::]: IPv4 connections arrive with mapped addresses (::ffff:a.b.c.d).
+    return start_daemon("-C", "cubic", "--policy", policy, control=True, log_file=True,
+                        listen=f"[::]:[{topo.port}]")
+
+
+@contextlib.contextmanager
+def held(topo, daemon, host: str, port: int = ECHO, tos: int | None = None):
+    """(the client's socket, the daemon's accepted socket, its socket to the server)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = topo.socket(topo.cli, family)
+    sock.settimeout(10)
+    borrowed = []
+    try:
+        if tos is not None:
+            sock.setsockopt(socket.SOL_IP, socket.IP_TOS, tos)
+        before = _inodes(daemon.borrow_sockets())
+        sock.connect((host, port))
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        borrowed = [s for s in daemon.borrow_sockets() if _inode(s) not in before]
+        [accepted] = [s for s in borrowed if _plain(s.getsockname()) == (host, port)]
+        [outgoing] = [s for s in borrowed if _plain(_peer(s)) == (host, port)]
+        yield sock, accepted, outgoing
+    finally:
+        sock.close()
+        for s in borrowed:
+            s.close()
+
+
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def _inodes(socks: list[socket.socket]) -> set[int]:
+    """The sockets' identities (closing the duplicates)."""
+    found = set()
+    for sock in socks:
+        with sock:
+            found.add(_inode(sock))
+    return found
+
+
+def _plain(address: tuple) -> tuple:
+    return (address[0].removeprefix("::ffff:"), address[1]) if address else ()
+
+
+def _peer(sock: socket.socket) -> tuple:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return ()
+
+
+def congestion(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+def ss(topo, dst: str) -> str:
+    return topo.run(topo.rtr, "ss", "-tinmH", "dst", dst).stdout
+
+
+def test_each_connection_gets_its_rules_options(topo, daemon):
+    with held(topo, daemon, topo.FAR4) as (_, accepted, outgoing):
+        assert congestion(outgoing) == "bbr"
+        assert congestion(accepted) == "reno"
+        assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x42
+        assert outgoing.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 1048576
+        assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * 524288
+        assert outgoing.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == 131072
+        assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE) == 2_000_000
+        for sock in (accepted, outgoing):
+            assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == (33, 3)
+        seen = ss(topo, topo.FAR4)
+        assert " bbr " in seen, seen
+        assert "/16000000bps" in seen, seen   # pacing rate / its cap, in bit/s
+        assert ",tb2097152," in seen, seen     # the send buffer (the kernel doubles it)
+    with held(topo, daemon, topo.SERVER4) as (_, accepted, outgoing):
+        assert congestion(outgoing) == "cubic"      # -C: this rule names none
+        assert outgoing.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == IPPROTO_MPTCP
+        assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x44
+    with held(topo, daemon, topo.FAR6) as (_, accepted, outgoing):
+        assert congestion(outgoing) == "bbr"
+    with held(topo, daemon, topo.SERVER6) as (_, accepted, outgoing):  # no rule: default
+        assert congestion(outgoing) == "cubic"
+        assert outgoing.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_TCP
+        assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0
+    data = payload(300_000, seed=16)
+    with topo.connect(topo.cli, topo.FAR4, ECHO, timeout=30) as sock:
+        assert exchange(sock, data) == (len(data), sha256(data), "eof")
+
+
+def test_marks_counted_by_the_routers_firewall(topo, daemon):
+    # (Marks with bit 0 would be tproxy.sh's --mark 0x1/0x1: routed to the router itself.)
+    ruleset = textwrap.dedent(f"""
+        table inet hp_policy_marks {{
+            chain out {{
+                type filter hook output priority 0; policy accept;
+                meta mark 0x42 ip daddr {topo.FAR4} counter
+                meta mark 0x44 ip daddr {topo.SERVER4} counter
+            }}
+        }}
+        """)
+    topo.run(topo.rtr, "nft", "-f", "-", input=ruleset)
+    try:
+        for host in (topo.FAR4, topo.SERVER4):
+            with held(topo, daemon, host):
+                pass
+        listed = topo.run(topo.rtr, "nft", "list", "table", "inet", "hp_policy_marks").stdout
+        counts = [int(line.split("packets")[1].split()[0]) for line in listed.splitlines()
+                  if "counter packets" in line]
+        assert len(counts) == 2 and all(count >= 3 for count in counts), listed
+    finally:
+        topo.run(topo.rtr, "nft", "delete", "table", "inet", "hp_policy_marks", check=False)
+
+
+@contextlib.contextmanager
+def capture(topo, ns: str, dev: str, host: str):
+    """tcpdump in ns: the TOS of every TCP packet from the router to host."""
+    proc = topo.popen(ns, "tcpdump", "-i", dev, "-n", "-l", "-v", "-s", "96",
+                      f"tcp and dst host {host}", stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # tcpdump has no ready signal but its stderr line
+        seen: list[str] = []
+        yield seen
+        time.sleep(0.3)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        seen += [line for line in out.splitlines() if "(tos 0x" in line]
+
+
+def tos_values(lines: list[str]) -> set[int]:
+    return {int(line.split("(tos ")[1].split(",")[0], 16) >> 2 for line in lines}
+
+
+def test_dscp_set_and_copied_as_tcpdump_sees_it(topo, daemon):
+    with capture(topo, topo.far, "f0", topo.FAR4) as seen:
+        with held(topo, daemon, topo.FAR4, tos=10 << 2) as (sock, _, _):
+            sock.sendall(b"y" * 20000)
+    assert seen and tos_values(seen) == {46}, seen
+    for dscp in (10, 34, 0):
+        with capture(topo, topo.srv, "s0", topo.SERVER4) as seen:
+            with held(topo, daemon, topo.SERVER4, tos=dscp << 2) as (sock, _, _):
+                sock.sendall(b"z" * 20000)
+        assert seen and tos_values(seen) == {dscp}, (dscp, seen)
+
+
+def test_reload_changes_new_connections_only_and_cuts_none(topo, daemon, tmp_path):
+    data = payload(2_000_000, seed=17)
+    old = topo.connect(topo.cli, topo.FAR4, ECHO, timeout=60)
+    with old:
+        old.sendall(data[:1000])  # relaying under the old policy
+        write_policy(tmp_path / "policy.toml", POLICY.replace('"bbr"', '"reno"'), topo)
+        answer = subprocess.run([*ctl(daemon), "reload"], capture_output=True, text=True,
+                                timeout=20)
+        assert answer.returncode == 0 and "Policy reloaded" in answer.stdout, answer
+        wait_for(lambda: _new_cc(topo, daemon) == "reno", 10, "the workers to take the reload")
+        old_cc = [line for line in ss(topo, topo.FAR4).splitlines()]
+        assert any(" bbr " in line for line in old_cc), old_cc  # the open one keeps its own
+        old.sendall(data[1000:])
+        old.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := old.recv(1 << 20):
+            received += chunk
+        assert sha256(received) == sha256(data)
+    # A bad file changes nothing, and says why where the operator looks.
+    (tmp_path / "policy.toml").write_text("[[rule]]\nname = 'x'\nport = 99999\n")
+    answer = subprocess.run([*ctl(daemon), "reload"], capture_output=True, text=True, timeout=20)
+    assert answer.returncode == 1
+    assert "ERROR: policy not reloaded" in answer.stdout and "rule 1 (x): port" in answer.stdout
+    daemon.wait_log("policy not reloaded")
+    assert _new_cc(topo, daemon) == "reno"
+    shown = daemon.ask("show policy")
+    assert "Last_reload_failed:" in shown and "Rule: 1 far destination=" in shown, shown
+
+
+def test_show_policy_and_the_matches_metric(topo, daemon):
+    for host in (topo.FAR4, topo.SERVER6):
+        with held(topo, daemon, host):
+            pass
+
+    def counted() -> bool:
+        metrics = daemon.ask("show metrics")
+        return ('tcp_intercept_policy_matches_total{rule="far"} 1.0' in metrics
+                and 'tcp_intercept_policy_matches_total{rule="default"} 1.0' in metrics)
+    wait_for(counted, 5, "the matches in the metrics")
+    shown = daemon.ask("show policy").splitlines()
+    assert shown[0].startswith("Policy: ") and shown[1].startswith("Loaded: ")
+    assert any(line.startswith("Rule: 1 far ") and line.endswith("matched=1") for line in shown)
+    assert "Default: matched=1" in shown
+
+
+def _new_cc(topo, daemon) -> str:
+    with held(topo, daemon, topo.FAR4) as (_, _, outgoing):
+        return congestion(outgoing)
+
+
+def ctl(daemon) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "tcp_intercept.ctl", "-s", str(daemon.control_path)]
+
+
+def test_sighup_reloads_too(topo, daemon, tmp_path):
+    write_policy(tmp_path / "policy.toml", POLICY.replace('"bbr"', '"reno"'), topo)
+    import signal
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_log("Policy reloaded from")
+    wait_for(lambda: _new_cc(topo, daemon) == "reno", 10, "the workers to take the reload")
+
+
+def test_client_mptcp_rule_tells_mptcp_clients_apart(topo, peers, far_peers, start_daemon,
+                                                      tmp_path):
+    policy = write_policy(tmp_path / "p.toml", """
+        [[rule]]
+        name = "mp"
+        client_mptcp = true
+        [rule.server_leg]
+        congestion = "reno"
+        """, topo)
+    daemon = start_daemon("-C", "cubic", "--policy", policy)
+    for proto, expected in ((socket.IPPROTO_TCP, "cubic"), (IPPROTO_MPTCP, "reno")):
+        with inside(topo.cli):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+        with sock:
+            sock.settimeout(10)
+            sock.connect((topo.SERVER4, ECHO))
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+            borrowed = daemon.borrow_sockets()
+            try:
+                [outgoing] = [s for s in borrowed
+                              if _plain(_peer(s)) == (topo.SERVER4, ECHO)]
+                assert congestion(outgoing) == expected
+            finally:
+                for s in borrowed:
+                    s.close()
