@@ -115,10 +115,11 @@ class Master:
         self.upgrading = taken is not None
         self.loop = Loop(on_error=self._on_error)
         self.workers: dict[int, WorkerHandle] = {}
-        self.policy = PolicyKeeper(config, policy, self._tell_policy)
-        self.status = Status(config, board, self.loop, self.workers, self.started, self.policy)
+        self.policy_keeper = PolicyKeeper(config, policy, self._tell_policy)
+        self.status = Status(config, board, self.loop, self.workers, self.started,
+                             self.policy_keeper)
         self.control = None if sockets.control is None else \
-            Control(self.loop, sockets.control, self.status, self.policy.reload)
+            Control(self.loop, sockets.control, self.status, self.policy_keeper.reload)
         self.metrics_endpoint = None
         if sockets.metrics is not None:
             from .metrics import MetricsEndpoint, exposition
@@ -221,7 +222,7 @@ class Master:
             _close_all_but(keep)
             self.logs.detach()
             worker = Worker(self.config, number, listener, channel, self.board.slot(slot),
-                            self.logs, self.policy.policy)
+                            self.logs, self.policy_keeper.policy)
             return worker.run()
         except BaseException:
             log.opt(exception=True).error("Worker {} failed", number)
@@ -239,7 +240,7 @@ class Master:
             self._flushed(handle.pid)
         elif (counted := parse_count(line)) is not None:
             if counted[0] == Word.MATCHED:
-                self.policy.add(*counted[1:])
+                self.policy_keeper.add(*counted[1:])
             else:
                 self._pass_on(handle, line, *counted)
         elif handle.conns_waiting:
@@ -495,7 +496,7 @@ class Master:
         for handle in self.workers.values():
             _kill(handle.pid, signal.SIGHUP)
         if self.config.policy:
-            self.policy.reload()
+            self.policy_keeper.reload()
 
     def _tell_policy(self, digest: str) -> None:
         """A reloaded policy: every worker of ours loads it (not an old
