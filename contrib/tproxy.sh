@@ -13,8 +13,10 @@
 #                       intercepted connection, or the daemon's own outgoing
 #                       one with -B client) is marked and left alone;
 #                    2. skip interception: a packet to one of this host's
-#                       addresses is left alone (every rule that exempts
-#                       traffic from interception goes here: *_skip_rules);
+#                       addresses is left alone, and one from or to an
+#                       address in the bypass set (the policy's, see
+#                       "Bypass" below); every rule that exempts traffic
+#                       from interception goes here: *_skip_rules;
 #                    3. fail open (--fail open, the default): a packet is
 #                       left alone, forwarded as if there were no proxy,
 #                       while the daemon cannot take it (below);
@@ -55,6 +57,18 @@
 # Backends: iptables (iptables + ip6tables, whichever variant they are) and
 # nft; each is the same set of functions, <backend>_usable / _up / _down /
 # _installed / _show, taking the family (4 or 6).
+#
+# Bypass (tcp-intercept's policy, its `bypass = true` rules): their prefixes
+# go in one set per family, which rule B consults both ways (packets to a
+# bypassed destination and its answers from it, packets from a bypassed
+# client and the answers to it), so those connections are routed as if there
+# were no daemon. nft: the set `bypass` of our table; iptables: the ipset
+# tcp_intercept_bypass4 / _bypass6. `up --policy FILE` fills it; `bypass
+# --policy FILE` (the package's reload) replaces its contents in place, in
+# one transaction (nft) or one swap (ipset), changing no rule. The list
+# comes from `python3 -m tcp_intercept.policy_file FILE` ($TCP_INTERCEPT_PYTHON
+# for another interpreter). Its functions are bypass_*, in a section of
+# their own below.
 
 set -eu
 
@@ -74,10 +88,12 @@ TABLE=5
 FAMILIES="4 6"
 BACKEND=
 FAIL=open
+POLICY=
+IPSET_PREFIX=tcp_intercept_bypass
 
 usage() {
 	cat <<EOF
-Usage: $PROG [OPTION]... up|down|status
+Usage: $PROG [OPTION]... up|down|status|bypass
 
 Install (up), remove (down) or show (status) the TPROXY rules that send every
 TCP connection forwarded by this router to tcp-intercept, for IPv4 and IPv6.
@@ -101,14 +117,18 @@ Options:
                           or failed to start): open (default) forwards new
                           connections as if there were no proxy, within 2
                           seconds; closed drops them, as the original did
+  --policy FILE           tcp-intercept's policy: its bypass rules' prefixes
+                          are never intercepted (up, bypass)
   -h, --help              this help
 
 up installs the rules, or replaces ours with the options given; it is
 idempotent. down removes everything this script installed in the families
 chosen, whatever options up had; with nothing installed it does nothing.
-status prints what is installed. With --fail open the order of up and
-the daemon's start does not matter; with --fail closed start the daemon
-first: the rules then drop forwarded TCP that no daemon takes.
+status prints what is installed. bypass replaces the bypass set's contents
+with the policy's (after the policy changed; up does it too). With --fail
+open the order of up and the daemon's start does not matter; with --fail
+closed start the daemon first: the rules then drop forwarded TCP that no
+daemon takes.
 
 Exit status: 0 success (status: installed), 1 error, 3 (status) not
 installed or incomplete, 64 bad command line.
@@ -190,7 +210,7 @@ parse_args() {
 		local opt=$1 value=
 		case $opt in
 		--*=*) value=${opt#*=}; opt=${opt%%=*} ;;
-		--backend | --family | --port | --mark | --table | --fail)
+		--backend | --family | --port | --mark | --table | --fail | --policy)
 			[ $# -ge 2 ] || bad_usage "$opt needs a value"
 			value=$2
 			shift
@@ -215,12 +235,16 @@ parse_args() {
 			case $value in open | closed) FAIL=$value ;;
 			*) bad_usage "--fail: open or closed, not '$value'" ;; esac
 			;;
+		--policy)
+			[ -r "$value" ] || bad_usage "--policy: cannot read '$value'"
+			POLICY=$value
+			;;
 		--table)
 			is_table "$value" ||
 				bad_usage "--table: not a routing table number (1-252, 256-): '$value'"
 			TABLE=$((10#$value))
 			;;
-		up | down | status)
+		up | down | status | bypass)
 			[ -z "$COMMAND" ] || bad_usage "one command only, not $COMMAND and $opt"
 			COMMAND=$opt
 			;;
@@ -228,7 +252,8 @@ parse_args() {
 		esac
 		shift
 	done
-	[ -n "$COMMAND" ] || bad_usage "no command: up, down or status"
+	[ -n "$COMMAND" ] || bad_usage "no command: up, down, status or bypass"
+	[ "$COMMAND" != bypass ] || [ -n "$POLICY" ] || bad_usage "bypass needs --policy FILE"
 }
 
 # -- policy routing (both backends) ----------------------------------------
@@ -309,6 +334,7 @@ iptables_loopback() {
 # Step 2: connections never intercepted.
 iptables_skip_rules() {
 	echo "-A $CHAIN -p tcp -m addrtype --dst-type LOCAL -j RETURN"
+	bypass_iptables_rules "$1"
 }
 
 # Step 3 and the heartbeat's rule; nothing with --fail closed.
@@ -323,6 +349,7 @@ iptables_fail_rules() {
 iptables_up() {
 	local ipt jump= alive_jump= alive_chain=
 	ipt=$(iptables_cmd "$1")
+	bypass_ipset_fill "$1"
 	"$ipt" -w -t mangle -C PREROUTING -j "$CHAIN" 2>/dev/null || jump="-A PREROUTING -j $CHAIN"
 	if [ "$FAIL" = open ]; then
 		alive_chain=":$ALIVE_CHAIN - [0:0]"
@@ -360,6 +387,7 @@ iptables_chain_down() { # family hook chain
 iptables_down() {
 	iptables_chain_down "$1" PREROUTING "$CHAIN"
 	iptables_chain_down "$1" OUTPUT "$ALIVE_CHAIN"
+	bypass_ipset_down "$1"
 }
 
 iptables_show() {
@@ -389,6 +417,7 @@ nft_family() {
 # Step 2: connections never intercepted.
 nft_skip_rules() {
 	echo "meta l4proto tcp fib daddr type local accept"
+	bypass_nft_rules "$1"
 }
 
 nft_ruleset() {
@@ -410,6 +439,7 @@ nft_ruleset() {
 table $table
 delete table $table
 table $table {
+$(bypass_nft_set "$1")
 	chain prerouting {
 		type filter hook prerouting priority -150; policy accept;
 		meta l4proto tcp socket transparent 1 $setmark accept
@@ -443,6 +473,101 @@ nft_show() {
 
 nft_installed() {
 	nft list table "$(nft_family "$1")" "$NFT_TABLE" 2>/dev/null | grep -q tproxy
+}
+
+# -- bypass (the policy's bypass rules) -------------------------------------
+
+# The policy's bypass prefixes of one family, one per line (none without
+# --policy). A policy that does not parse stops us: better no change than
+# a bypass set emptied by mistake.
+bypass_prefixes() {
+	local fam=$1 list
+	[ -n "$POLICY" ] || return 0
+	list=$("${TCP_INTERCEPT_PYTHON:-python3}" -m tcp_intercept.policy_file "$POLICY") ||
+		die "--policy: cannot read the bypass rules of $POLICY (see above)"
+	printf '%s\n' "$list" | sed -n "s/^$fam [a-z]* //p"
+}
+
+# The rule that consults the set, both ways (a bypassed destination's
+# answers come from it; a bypassed client's go to it).
+bypass_nft_rules() {
+	local fam
+	fam=$(nft_family "$1")
+	printf '\t\tmeta l4proto tcp %s saddr @bypass accept\n' "$fam"
+	printf '\t\tmeta l4proto tcp %s daddr @bypass accept\n' "$fam"
+}
+
+bypass_nft_set() {
+	local fam=$1 type=ipv4_addr prefixes
+	[ "$fam" = 4 ] || type=ipv6_addr
+	prefixes=$(bypass_prefixes "$fam") || exit 1
+	printf '\tset bypass {\n\t\ttype %s; flags interval; auto-merge;\n' "$type"
+	[ -z "$prefixes" ] || printf '\t\telements = { %s }\n' "$(printf '%s\n' "$prefixes" | paste -sd, -)"
+	printf '\t}\n'
+}
+
+# Replace the set's contents in one transaction: no moment without them.
+bypass_nft_update() {
+	local fam table prefixes
+	fam=$(nft_family "$1")
+	table="$fam $NFT_TABLE"
+	nft list set $table bypass >/dev/null 2>&1 || return 0  # not installed: up fills it
+	prefixes=$(bypass_prefixes "$1") || exit 1
+	{
+		echo "flush set $table bypass"
+		[ -z "$prefixes" ] || echo "add element $table bypass { $(printf '%s\n' "$prefixes" | paste -sd, -) }"
+	} | nft -f -
+}
+
+bypass_ipset_name() {
+	echo "$IPSET_PREFIX$1"
+}
+
+# The ipset's rules in our chain, with --policy only (no ipset needed otherwise).
+bypass_iptables_rules() {
+	local set
+	[ -n "$POLICY" ] || return 0
+	set=$(bypass_ipset_name "$1")
+	echo "-A $CHAIN -p tcp -m set --match-set $set src -j RETURN"
+	echo "-A $CHAIN -p tcp -m set --match-set $set dst -j RETURN"
+}
+
+# Fill the ipset: a new one swapped in, so the rules never see it half full.
+bypass_ipset_fill() {
+	local fam=$1 set family=inet prefixes
+	[ -n "$POLICY" ] || return 0
+	command -v ipset >/dev/null || die "--policy with iptables needs the ipset command (apt install ipset)"
+	[ "$fam" = 4 ] || family=inet6
+	set=$(bypass_ipset_name "$fam")
+	prefixes=$(bypass_prefixes "$fam") || exit 1
+	ipset -exist create "$set" hash:net family "$family"
+	ipset -exist create "$set.new" hash:net family "$family"
+	ipset flush "$set.new"
+	{
+		printf '%s\n' "$prefixes" | sed -n "s/^\(..*\)/add $set.new \1/p"
+	} | ipset -exist restore
+	ipset swap "$set.new" "$set"
+	ipset destroy "$set.new"
+}
+
+bypass_ipset_down() {
+	local set
+	command -v ipset >/dev/null || return 0
+	set=$(bypass_ipset_name "$1")
+	if ipset list -n "$set" >/dev/null 2>&1; then ipset destroy "$set"; fi
+}
+
+cmd_bypass() {
+	local fam ipt
+	for fam in $FAMILIES; do
+		if command -v nft >/dev/null; then bypass_nft_update "$fam"; fi
+		ipt=$(iptables_cmd "$fam")
+		if iptables_usable "$fam" && "$ipt" -w -t mangle -C PREROUTING -j "$CHAIN" 2>/dev/null; then
+			bypass_ipset_fill "$fam"
+			# Installed by an up without --policy: the rules that consult the set.
+			"$ipt" -w -t mangle -S "$CHAIN" | grep -q -- "--match-set" || iptables_up "$fam"
+		fi
+	done
 }
 
 # -- commands --------------------------------------------------------------
@@ -480,6 +605,8 @@ backends() {
 cmd_up() {
 	local fam backend
 	for fam in $FAMILIES; do
+		# A policy that does not parse stops us before anything changes.
+		bypass_prefixes "$fam" >/dev/null
 		backend=${BACKEND:-$(pick_backend "$fam")}
 		# Checked before anything changes, so a failure leaves no half set.
 		"${backend}_usable" "$fam" ||

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (namespaces, TPROXY)" >&2; exit 1; }
 
-PACKAGES="iproute2 iptables nftables iperf3 curl openssh-client openssh-server
+PACKAGES="iproute2 iptables nftables ipset tcpdump iperf3 curl openssh-client openssh-server
           procps kmod groff-base man-db python3 python3-venv python3-pip"
 missing=""
 for p in $PACKAGES; do

@@ -66,8 +66,9 @@ def rules(topo: Topology) -> dict[str, int]:
             r"^-A (OUTPUT -j TCP_INTERCEPT_ALIVE|TCP_INTERCEPT_ALIVE .*--dport \d+ -m recent)",
             mangle[i], re.M))
         counts[f"ip{fam} nft"] = ruleset.count(f"table {nft_family} tcp_intercept {{")
-        counts[f"ip{fam} nft tproxy"] = len(re.findall(
-            rf"table {nft_family} tcp_intercept {{[^}}]*tproxy to :", ruleset))
+        table = re.search(rf"^table {nft_family} tcp_intercept {{$.*?^}}$", ruleset,
+                          re.M | re.S)  # the whole table: its bypass set comes first
+        counts[f"ip{fam} nft tproxy"] = int(bool(table) and "tproxy to :" in table.group(0))
     return counts
 
 
