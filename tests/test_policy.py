@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +193,11 @@ def test_the_bypass_list_for_tproxy_sh(tmp_path, capsys):
     assert policy_file.main([path]) == 0
     assert capsys.readouterr().out == "4 dst 203.0.113.7/32\n6 src fd00:9::/64\n"
     assert policy_file.main([str(tmp_path / "none")]) == 64
+
+
+def test_the_packaged_example_policy_loads():
+    example = Path(__file__).resolve().parent.parent / "contrib" / "policy.example.toml"
+    policy = policy_file.load(str(example), CONFIG, probe=False)
+    assert [rule.name for rule in policy.rules] == [
+        "vpn-peer", "bank", "lan", "interactive", "no-mptcp", "satellite"]
+    assert policy_file.bypass_lines(policy)[0] == "4 dst 203.0.113.7/32"

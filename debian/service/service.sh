@@ -25,6 +25,7 @@ WHEN_FULL=
 CONNECT_TIMEOUT=
 IDLE_TIMEOUT=
 DRAIN_TIMEOUT=
+POLICY=
 DAEMON_ARGS=
 DAEMON_OPTS=
 CONTROL_NETWORK=0
@@ -72,6 +73,7 @@ tcp_intercept_run() {
         ${CONNECT_TIMEOUT:+--connect-timeout "$CONNECT_TIMEOUT"} \
         ${IDLE_TIMEOUT:+--idle-timeout "$IDLE_TIMEOUT"} \
         ${DRAIN_TIMEOUT:+--drain-timeout "$DRAIN_TIMEOUT"} \
+        ${POLICY:+--policy "$POLICY"} \
         $DAEMON_ARGS $DAEMON_OPTS
     set -- $?
     set +f
@@ -115,12 +117,20 @@ tcp_intercept_controls_firewall() {
     _tcp_intercept_yes "$CONTROL_NETWORK" || _tcp_intercept_yes "$CONTROL_IPTABLES"
 }
 
-# tproxy.sh up | down | status, with the settings' port, mark, table and
-# FAIL (open or closed).
+# tproxy.sh up | down | status | bypass, with the settings' port, mark,
+# table, FAIL (open or closed) and policy (its bypass rules).
 tcp_intercept_firewall() {
     # shellcheck disable=SC2086
     "$TPROXY" ${TPROXY_BACKEND:+--backend "$TPROXY_BACKEND"} \
         ${TPROXY_FAMILY:+--family "$TPROXY_FAMILY"} ${FAIL:+--fail "$FAIL"} \
+        ${POLICY:+--policy "$POLICY"} \
         --port "$(tcp_intercept_listen_port)" --mark "$FWMARK" \
         --table "$IP_ROUTE_TABLE_NUMBER" "$1"
+}
+
+# After a reload: the bypass sets follow the policy file (in place).
+tcp_intercept_firewall_bypass() {
+    if tcp_intercept_controls_firewall && [ -n "$POLICY" ]; then
+        tcp_intercept_firewall bypass
+    fi
 }
