@@ -76,7 +76,7 @@ class Connection:
                  "cmask", "smask", "key", "closed", "_id", "started", "active")
 
     def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple,
-                 recipe: Recipe | None = None):
+                 recipe: Recipe | None = None, syn_dscp: int | None = None):
         self.ctx = ctx
         # Which rule chose it: recipe.name (telemetry reads it there).
         self.recipe = recipe or ctx.recipe
@@ -95,7 +95,7 @@ class Connection:
         if ctx.log is not None:
             ctx.log.info(f"{self.id}: Connection intercepted")
         try:
-            self._connect()
+            self._connect(syn_dscp)
         except OSError as err:
             self._connect_failed(err.errno, err.strerror or err)
         except Exception as err:
@@ -108,11 +108,11 @@ class Connection:
             self._id = f"{format_sockaddr(self.peer)}-->{format_sockaddr(self.dst)}"
         return self._id
 
-    def _connect(self) -> None:
+    def _connect(self, syn_dscp: int | None) -> None:
         ctx, recipe = self.ctx, self.recipe
-        dscp = recipe.prepare_client(self.client)
+        recipe.prepare_client(self.client, syn_dscp)
         self.server = server = recipe.open_server(self.client.family, ctx.reserve)
-        recipe.prepare_server(server, self.peer, dscp)
+        recipe.prepare_server(server, self.peer, syn_dscp)
         status = server.connect_ex(self.dst)
         if status not in (0, errno.EINPROGRESS):
             raise OSError(status, strerror(status))

@@ -180,13 +180,14 @@ class Listener:
             self._back_off(err)
             return False
         policy = self.ctx.policy
-        recipe = self.ctx.recipe if policy is None else policy.choose(client, peer, dst)
+        recipe, syn_dscp = (self.ctx.recipe, None) if policy is None else \
+            policy.choose(client, peer, dst)
         if self.limits is not None and \
                 not self.limits.admit(peer[0], self.ctx.loop.now(), recipe.max_per_client):
             reset_on_close(client)  # refused, not served
             client.close()
             return True
-        Connection(self.ctx, client, peer, dst, recipe)
+        Connection(self.ctx, client, peer, dst, recipe, syn_dscp)
         return True
 
     def _release(self, connection: Connection) -> None:

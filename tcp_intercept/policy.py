@@ -32,6 +32,9 @@ from .recipe import COPY, Recipe, syn_fields
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 TCP_IS_MPTCP = 43
+# A rule whose ports are at most this many is found through a dict by port;
+# one with wider ranges is tried for every connection.
+PORTS_LISTED = 4096
 
 
 @dataclass(eq=False)
@@ -46,7 +49,8 @@ class Rule:
     client_mptcp: bool | None = None
     client_table: dict = field(default_factory=dict)    # family -> PrefixTable
 
-    def matches_rest(self, peer_ip: tuple[int, int] | None, port: int, mptcp) -> bool:
+    def matches_rest(self, peer_ip: tuple[int, int] | None, port: int,
+                     mptcp: bool | None) -> bool:
         """Everything but the destination prefix (already matched)."""
         if self.ports and not any(low <= port <= high for low, high in self.ports):
             return False
@@ -54,7 +58,10 @@ class Rule:
             table = self.client_table.get(peer_ip[0]) if peer_ip else None
             if table is None or not table.contains(peer_ip[1]):
                 return False
-        return self.client_mptcp is None or mptcp() == self.client_mptcp
+        return self.client_mptcp is None or mptcp == self.client_mptcp
+
+    def port_count(self) -> int:
+        return sum(high - low + 1 for low, high in self.ports)
 
     def describe(self) -> str:
         words = [f"{self.number}", self.name]
@@ -115,14 +122,10 @@ class Policy:
         self.rules = rules
         self.default = default
         active = [rule for rule in rules if not rule.bypass]
-        self.by_family = {4: PrefixTable(32), 6: PrefixTable(128)}
-        self.anywhere: list[int] = []  # rules without a destination
-        for rule in active:
-            if not rule.destinations:
-                self.anywhere.append(rule.number)
-            for network in rule.destinations:
-                self.by_family[network.version].add(network, rule.number)
+        self._index(active)
         self.by_number = {rule.number: rule for rule in rules}
+        self.any_clients = any(rule.clients for rule in active)
+        self.any_mptcp = any(rule.client_mptcp is not None for rule in active)
         # What the listener must keep of each SYN (TCP_SAVE_SYN): the DSCP
         # to copy, or the MPTCP option of a client on a plain TCP listener.
         self.needs_syn = any(rule.recipe.server_dscp == COPY or rule.recipe.client_dscp == COPY
@@ -131,30 +134,61 @@ class Policy:
         # Matches since the worker last reported them to the master.
         self.matched = dict.fromkeys([rule.name for rule in active] + ["default"], 0)
 
-    def choose(self, client: socket.socket, peer: tuple, dst: tuple) -> Recipe:
-        """The recipe for a connection just accepted (counted as its rule's match)."""
-        found = None
+    def _index(self, active: list[Rule]) -> None:
+        """Each rule under the first of its destinations, ports (when they are
+        few enough to list), clients; else among the rules tried always."""
+        self.by_dst = {4: PrefixTable(32), 6: PrefixTable(128)}
+        self.by_client = {4: PrefixTable(32), 6: PrefixTable(128)}
+        self.by_port: dict[int, list[int]] = {}
+        self.anywhere: list[int] = []   # tried for every connection, in order
+        for rule in active:
+            if rule.destinations:
+                for network in rule.destinations:
+                    self.by_dst[network.version].add(network, rule.number)
+            elif rule.ports and rule.port_count() <= PORTS_LISTED:
+                for low, high in rule.ports:
+                    for port in range(low, high + 1):
+                        self.by_port.setdefault(port, []).append(rule.number)
+            elif rule.clients:
+                for network in rule.clients:
+                    self.by_client[network.version].add(network, rule.number)
+            else:
+                self.anywhere.append(rule.number)
+        self.client_indexed = any(table.tables for table in self.by_client.values())
+
+    def choose(self, client: socket.socket, peer: tuple, dst: tuple
+               ) -> tuple[Recipe, int | None]:
+        """The recipe for a connection just accepted (counted as its rule's
+        match), and the DSCP of the client's SYN when a rule needs the SYN.
+
+        The rules that may match come from the indexes (a dict lookup per
+        prefix length in use, one for the port); they are tried in the
+        file's order on what their index did not check."""
         dst_ip = _address(dst[0])
-        candidates = self.by_family[dst_ip[0]].lookup(dst_ip[1]) if dst_ip else []
+        candidates = self.by_dst[dst_ip[0]].lookup(dst_ip[1]) if dst_ip else []
+        by_port = self.by_port.get(dst[1])
+        if by_port is not None:
+            candidates += by_port
+        peer_ip = _address(peer[0]) if self.any_clients else None
+        if self.client_indexed and peer_ip is not None:
+            candidates += self.by_client[peer_ip[0]].lookup(peer_ip[1])
         if self.anywhere:
-            candidates = candidates + self.anywhere
-        if candidates:
-            peer_ip = _address(peer[0])
-            syn: list = []
-
-            def mptcp() -> bool:
-                if not syn:
-                    syn.append(_client_mptcp(client))
-                return syn[0]
-
-            for number in sorted(set(candidates)) if len(candidates) > 1 else candidates:
-                rule = self.by_number[number]
-                if rule.matches_rest(peer_ip, dst[1], mptcp):
-                    found = rule
-                    break
-        chosen = found.recipe if found is not None else self.default
+            candidates += self.anywhere
+        dscp = mptcp = None
+        if self.needs_syn:
+            dscp, mptcp = _saved_syn(client)
+        if self.any_mptcp and client.proto == sockopts.IPPROTO_MPTCP:
+            mptcp = _is_mptcp(client)
+        if len(candidates) > 1:
+            candidates.sort()
+        chosen = self.default
+        for number in candidates:
+            rule = self.by_number[number]
+            if rule.matches_rest(peer_ip, dst[1], mptcp):
+                chosen = rule.recipe
+                break
         self.matched[chosen.name] += 1
-        return chosen
+        return chosen, dscp
 
     def describe(self) -> list[str]:
         """show policy's lines, but for the counts (the master adds them)."""
@@ -198,20 +232,24 @@ def _address(text: str) -> tuple[int, int] | None:
     return 6, int.from_bytes(raw, "big")
 
 
-def _client_mptcp(client: socket.socket) -> bool:
-    """Whether the client speaks MPTCP: the accepted socket says so itself
-    (--mptcp-listen), or its SYN carried the MPTCP option."""
-    if client.proto == sockopts.IPPROTO_MPTCP:
-        try:
-            return client.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP) == 1
-        except OSError:
-            return False
+def _saved_syn(client: socket.socket) -> tuple[int | None, bool]:
+    """(DSCP, whether it offered MPTCP) of the client's SYN, which the
+    listener kept (TCP_SAVE_SYN); the kernel gives it once, so here only."""
     try:
         syn = client.getsockopt(socket.IPPROTO_TCP, recipes.TCP_SAVED_SYN,
                                 recipes.SAVED_SYN_MAX)
     except OSError:
+        return None, False
+    return syn_fields(syn)
+
+
+def _is_mptcp(client: socket.socket) -> bool:
+    """An MPTCP listener's accepted socket: whether the client spoke MPTCP
+    (it did not when the socket fell back to TCP)."""
+    try:
+        return client.getsockopt(socket.IPPROTO_TCP, TCP_IS_MPTCP) == 1
+    except OSError:
         return False
-    return syn_fields(syn)[1]
 
 
 def needs_net_admin(recipe: Recipe) -> bool:

@@ -67,22 +67,18 @@ class Recipe:
 
     def __post_init__(self):
         object.__setattr__(self, "touches_client", bool(
-            self.client_options or self.client_dscp is not None or self.server_dscp == COPY))
+            self.client_options or self.client_dscp is not None))
 
-    def prepare_client(self, client: socket.socket) -> int | None:
-        """Apply the client leg's options; the client SYN's DSCP when this
-        recipe copies it (None if it cannot be read)."""
+    def prepare_client(self, client: socket.socket, dscp: int | None) -> None:
+        """Apply the client leg's options; dscp: that of the client's SYN,
+        for COPY (the policy read it: policy.py)."""
         if not self.touches_client:
-            return None
+            return
         for level, option, value in self.client_options:
             client.setsockopt(level, option, value)
-        dscp = None
-        if COPY in (self.server_dscp, self.client_dscp):
-            dscp = syn_dscp(client)
         if self.client_dscp is not None:
             _set_dscp(client, dscp if self.client_dscp == COPY else self.client_dscp,
                       client.getpeername()[0])
-        return dscp
 
     def open_server(self, family: int, reserve: Reserve) -> socket.socket:
         """A socket toward the server; out of descriptors, it takes the reserve's."""
@@ -159,16 +155,6 @@ def _set_dscp(sock: socket.socket, dscp: int | None, peer: str) -> None:
         # the kernel's DSCP rather than fail the connection.
         if err.errno != errno.EOPNOTSUPP or sock.proto != IPPROTO_MPTCP:
             raise
-
-
-def syn_dscp(client: socket.socket) -> int | None:
-    """The DSCP of the SYN that opened client (kept by TCP_SAVE_SYN on the
-    listener; readable once), or None."""
-    try:
-        syn = client.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, SAVED_SYN_MAX)
-    except OSError:
-        return None
-    return syn_fields(syn)[0]
 
 
 def syn_fields(syn: bytes) -> tuple[int | None, bool]:

@@ -66,7 +66,7 @@ class FakeSocket:
 
 
 def choose(policy, dst: str, port: int = 80, client: str = "10.1.1.1", sock=None) -> str:
-    return policy.choose(sock or FakeSocket(), (client, 40000), (dst, port)).name
+    return policy.choose(sock or FakeSocket(), (client, 40000), (dst, port))[0].name
 
 
 def test_first_match_wins_and_the_rest_is_the_default(tmp_path):
@@ -99,7 +99,7 @@ def test_a_rule_becomes_a_recipe_on_top_of_the_command_line(tmp_path):
     assert server[(tcp, 18)] == 5000                              # --user-timeout
     assert server[(socket.SOL_SOCKET, SO_MARK)] == 0x20
     assert server[(socket.SOL_SOCKET, 47)] == 10_000_000          # 80 Mbit/s in bytes
-    assert web.server_dscp == COPY and web.touches_client
+    assert web.server_dscp == COPY and not web.touches_client  # the SYN is read in choose()
     assert not lan.touches_client and lan.client_options == ()
     assert policy.needs_syn and policy.needs_net_admin
 
@@ -122,6 +122,49 @@ def test_ten_thousand_prefixes_and_the_longest_inside_a_shorter(tmp_path):
     assert choose(policy, "10.39.15.1") == "many"
     assert choose(policy, "10.200.0.1") == "wide"
     assert choose(policy, "11.0.0.1") == "default"
+
+
+def test_rules_without_destination_are_found_by_port_and_client(tmp_path):
+    rules = "".join(f'[[rule]]\nname = "p{i}"\nport = {1000 + i}\n' for i in range(200))
+    policy = load(tmp_path, rules + """
+        [[rule]]
+        name = "lan-clients"
+        client = ["10.1.0.0/16", "fd00::/8"]
+        [[rule]]
+        name = "wide"
+        port = "1-65535"
+        client = "172.16.0.0/12"
+        [[rule]]
+        name = "web-range"
+        port = "8000-8999"
+        """.replace("\n        ", "\n"))
+    assert choose(policy, "198.51.100.1", 1199) == "p199"
+    assert policy.by_port[1199] == [200] and not policy.anywhere[1:]
+    assert choose(policy, "198.51.100.1", 22, client="10.1.2.3") == "lan-clients"
+    assert choose(policy, "198.51.100.1", 22, client="fd00::7") == "lan-clients"
+    assert choose(policy, "198.51.100.1", 22, client="172.16.9.9") == "wide"
+    assert choose(policy, "198.51.100.1", 8500, client="192.0.2.1") == "web-range"
+    assert choose(policy, "198.51.100.1", 1000, client="10.1.2.3") == "p0"  # first match
+    assert choose(policy, "198.51.100.1", 22, client="192.0.2.1") == "default"
+
+
+def test_the_saved_syn_is_read_once_for_both_mptcp_and_dscp(tmp_path):
+    policy = load(tmp_path, """
+        [[rule]]
+        name = "mp"
+        client_mptcp = true
+        [rule.server_leg]
+        dscp = "copy"
+        """)
+    reads = []
+
+    class Once(FakeSocket):
+        def getsockopt(self, level, option, size=None):
+            reads.append(option)
+            return super().getsockopt(level, option, size)
+
+    recipe, dscp = policy.choose(Once(syn(True, tos=34 << 2)), ("10.0.0.1", 1), ("10.0.0.2", 80))
+    assert (recipe.name, dscp, reads) == ("mp", 34, [28])
 
 
 def test_client_mptcp_is_read_from_the_saved_syn(tmp_path):
