@@ -45,12 +45,11 @@ def write_policies() -> None:
     """The policies measured here and by bench/variants.py's policy preset.
     The bench's world sends to 10.91.2.2 (tests/topology.py): the rules match it."""
     POLICY_DIR.mkdir(exist_ok=True)
-    ONE_RULE.write_text('[[rule]]\nname = "one"\ndestination = "10.91.2.0/24"\n'
-                        '[rule.server_leg]\nnotsent_lowat = 1048576\n')
+    # The rules set nothing: what is measured is choosing, not a socket option.
+    ONE_RULE.write_text('[[rule]]\nname = "one"\ndestination = "10.91.2.0/24"\n')
     prefixes = ", ".join(f'"10.{i // 256}.{i % 256}.0/24"' for i in range(10_000))
     MANY_PREFIXES.write_text(
-        f'[[rule]]\nname = "many"\ndestination = [{prefixes}, "10.91.2.0/24"]\n'
-        '[rule.server_leg]\nnotsent_lowat = 1048576\n\n'
+        f'[[rule]]\nname = "many"\ndestination = [{prefixes}, "10.91.2.0/24"]\n\n'
         '[[rule]]\nname = "wide"\ndestination = ["172.16.0.0/12", "192.168.0.0/16", '
         '"100.64.0.0/10", "fd00::/8"]\n')
     rules = "".join(f'[[rule]]\nname = "r{i}"\nport = {1000 + i}\n\n' for i in range(199))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Daemon variants against each other and the direct path, in one run.
 
-    bench/variants.sh logging | counting | workers | all  [--rounds N] [--quick]
+    bench/variants.sh logging | counting | workers | policy | all  [--rounds N] [--quick]
                       [--together]
 
 Each round builds a fresh topology per path (tests/topology.py), the
@@ -23,6 +23,8 @@ Presets (what each issue asks to be shown):
   counting  the same commit with its counting stubbed out (bench/nocount.py)
             against it as it is; quiet, so that only counting differs
   workers   -w 1 against -w 2 (this machine has 2 cores for everything)
+  policy    no policy against --policy with 10,000 prefixes and with 1 rule,
+            each matching the bench's server (bench/policy.py)
 
 --together runs the first two variants of each preset at the same time,
 each in a topology of its own with its own load generator, and reports the
@@ -54,6 +56,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import procfs  # noqa: E402
 from bench.nocount import stubbed_copy  # noqa: E402
+from bench.policy import MANY_PREFIXES, ONE_RULE, write_policies  # noqa: E402
 from bench.phases import ECHO_PORT, ECHO_SERVER, GB, Profile, World, iperf  # noqa: E402
 from bench.run import raise_descriptor_limit, tune_client  # noqa: E402
 from tests.topology import Daemon, Topology  # noqa: E402
@@ -80,6 +83,11 @@ PRESETS = {
                  Variant("counting", [*BASE, "-q"])],
     "workers": [Variant("-w 1", [*BASE, "-q", "-w", "1"]),
                 Variant("-w 2", [*BASE, "-q", "-w", "2"])],
+    # bench/policy.py writes the files (write_policies()); their rules match
+    # the bench's server, so every connection pays a lookup and a recipe.
+    "policy": [Variant("no policy", [*BASE, "-q"]),
+               Variant("10,000 prefixes", [*BASE, "-q", "--policy", str(MANY_PREFIXES)]),
+               Variant("1 rule", [*BASE, "-q", "--policy", str(ONE_RULE)])],
 }
 PROFILES = {"full": Profile(8, 1, 5, 0, 0, 0, 0), "quick": Profile(3, 1, 3, 0, 0, 0, 0)}
 
@@ -317,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         say("bench/variants.py: run as root")
         return 1
     presets = list(PRESETS) if args.preset == "all" else [args.preset]
+    if "policy" in presets:
+        write_policies()
     profile = PROFILES["quick" if args.quick else "full"]
 
     def out_of_time(*_):

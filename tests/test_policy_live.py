@@ -342,3 +342,40 @@ def test_client_mptcp_rule_tells_mptcp_clients_apart(topo, peers, far_peers, sta
             finally:
                 for s in borrowed:
                     s.close()
+
+
+def test_a_rules_per_client_limit_and_idle_timeout_are_its_own(topo, peers, far_peers,
+                                                                start_daemon, tmp_path):
+    policy = write_policy(tmp_path / "p.toml", """
+        [[rule]]
+        name = "strict"
+        destination = "{far}/32"
+        max_per_client = 2
+        idle_timeout = 1
+        """, topo)
+    daemon = start_daemon("--policy", policy, log_file=True)
+    far = [topo.connect(topo.cli, topo.FAR4, ECHO) for _ in range(3)]
+    near = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(3)]
+    try:
+        for sock in near + far[:2]:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        assert reset(far[2])  # the third to far: over its limit
+        daemon.wait_log("already has 2 connections (--max-per-client)")
+        time.sleep(1.6)  # idle_timeout 1 s, checked every 0.1 s
+        assert reset(far[0]) and reset(far[1])
+        for sock in near:  # the default has no idle timeout
+            sock.sendall(b"y")
+            assert sock.recv(1) == b"y"
+    finally:
+        for sock in far + near:
+            sock.close()
+
+
+def reset(sock: socket.socket) -> bool:
+    """Whether the daemon reset this connection (the next exchange fails)."""
+    try:
+        sock.sendall(b"x")
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
