@@ -198,6 +198,12 @@ class Policy:
             lines.append(f"Rule: {rule.describe()}" + (" bypass" if rule.bypass else ""))
         return lines
 
+    @property
+    def limits_clients(self) -> bool:
+        """Whether a rule has a per-client limit of its own."""
+        return any(rule.recipe.max_per_client is not None
+                   for rule in self.rules if not rule.bypass)
+
     def recipes(self) -> list[Recipe]:
         return [self.default, *(rule.recipe for rule in self.rules if not rule.bypass)]
 
@@ -217,6 +223,14 @@ class Policy:
         for name in taken:
             self.matched[name] = 0
         return taken
+
+
+def counts_clients(config, policy: Policy | None) -> bool:
+    """Whether connections are counted per client address (--max-per-client,
+    or a rule's max_per_client at start-up). Fixed for the daemon's life:
+    counting and steering by client start with it, so a reload may not add
+    the first per-client limit."""
+    return config.max_per_client is not None or (policy is not None and policy.limits_clients)
 
 
 def _address(text: str) -> tuple[int, int] | None:

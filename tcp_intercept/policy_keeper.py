@@ -29,7 +29,7 @@ from loguru import logger as log
 from . import policy_file
 from .config import Config
 from .errors import PolicyError
-from .policy import Policy
+from .policy import Policy, counts_clients
 
 
 class PolicyKeeper:
@@ -40,6 +40,7 @@ class PolicyKeeper:
         self.tell_workers = tell_workers  # sends one line to every serving worker
         self.matched: Counter = Counter()
         self.failed: str | None = None    # the last reload's error, while it stands
+        self.counting = counts_clients(config, policy)  # per client, from start-up
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the policy; (whether it is in force now, what to tell the operator)."""
@@ -48,6 +49,10 @@ class PolicyKeeper:
             return False, "no policy to reload: the daemon was started without --policy"
         try:
             new = policy_file.load(path, self.config)
+            if new.limits_clients and not self.counting:
+                raise PolicyError(f"{path}: max_per_client: the daemon started without a "
+                                  "per-client limit, so it does not count connections per "
+                                  "client; restart it to use one")
         except PolicyError as err:
             self.failed = str(err)
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.policy.loaded))

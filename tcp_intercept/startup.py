@@ -28,7 +28,7 @@ from .detach import Launch, detach, notify, write_pid_file
 from .errors import EX_OSERR, CapabilityError, PrivilegeError, StartupError
 from .listener import open_listeners
 from .logs import Log
-from .policy import Policy
+from .policy import Policy, counts_clients
 from .recipe import listener_options
 from .master import Master, Sockets
 from .steering import steer_by_client
@@ -52,7 +52,7 @@ def run(config: Config, command: list[str], policy: Policy | None = None) -> int
     log.info("{} version {} starting up", NAME, __version__)
     sockets = Sockets()
     try:
-        _open_sockets(config, sockets)
+        _open_sockets(config, sockets, policy)
     except StartupError as err:
         sockets.close()
         return _fatal(logs, err)
@@ -171,14 +171,14 @@ def _give_log_file(logs: Log, who: privileges.Identity) -> None:
         log.info("The log file {} now belongs to user {}", logs.path, who.user)
 
 
-def _open_sockets(config: Config, sockets: Sockets) -> None:
+def _open_sockets(config: Config, sockets: Sockets, policy: Policy | None) -> None:
     """The listeners, the control socket and the metrics endpoint, into sockets."""
     options = listener_options(config)
     try:
         sockets.listeners = open_listeners(config.listen, options, config.workers,
                                            mptcp=config.mptcp_listen)
-        # A policy rule may limit per client: one worker must see all of a client.
-        if (config.max_per_client or config.policy) and config.workers > 1:
+        # Counted per client: one worker must see all of a client's connections.
+        if counts_clients(config, policy) and config.workers > 1:
             steer_by_client(sockets.listeners)
     except CapabilityError as err:
         raise StartupError(str(err)) from None

@@ -33,7 +33,7 @@ from .limits import share as limits_share
 from .listener import Listener
 from .logs import Log
 from .pipes import PipePool
-from .policy import Policy
+from .policy import Policy, counts_clients
 from .table import ConnectionTable
 from .timeouts import Deadlines
 
@@ -59,16 +59,16 @@ class Worker:
                            log=None if config.quiet else logs,
                            recipe=recipe.from_config(config))
         self.deadlines.expect([self.ctx.recipe])
-        if config.connect_timeout or config.policy:
+        if config.connect_timeout:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None
-        # A policy's rules may limit per client (now or after a reload).
-        self.limited = bool(config.max_connections or config.max_per_client or config.policy)
+        per_client = counts_clients(config, policy)  # --max-per-client, or a rule's
+        self.limited = bool(config.max_connections or per_client)
         if self.limited:
             share = config.max_connections and \
                 limits_share(config.max_connections, config.workers, number)
             limits = Limits(ctr, share, config.max_per_client, config.when_full,
-                            per_client=bool(config.policy))
+                            per_client=per_client)
         self.listener: Listener | None = Listener(listener_sock, config.listen, self.ctx, limits)
         self.match_timer = self.loop.timer(MATCH_REPORT, MATCH_REPORT)
         if policy is not None:
@@ -150,6 +150,8 @@ class Worker:
         """policy for the connections accepted from now on; those open keep theirs."""
         self.ctx.policy = policy
         self.deadlines.expect(policy.recipes())
+        if any(recipe.connect_timeout for recipe in policy.recipes()):
+            self.ctx.on_connecting = self.deadlines.connect_started
         if self.listener is not None:
             self.listener.save_syn(policy.needs_syn)
 

@@ -14,7 +14,9 @@
 #      CONTROL_NETWORK=1 CONTROL_IPTABLES=1: start (tproxy.sh installs the
 #      rules), a connection relayed with the client's address, the master
 #      and its workers as user tcp-intercept with CAP_NET_ADMIN alone,
-#      show info, status, reload and logrotate (SIGHUP, same pid); the
+#      show info, the packaged example policy (show policy, its bypass set;
+#      reload re-reads it and updates the set), status, reload and
+#      logrotate (SIGHUP, same pid); the
 #      seamless upgrade: apt-get install N+1 while a transfer is held open
 #      (the postinst runs the init script's upgrade: same master, version
 #      N+1, the transfer intact, the old workers gone once it ended, new
@@ -222,6 +224,17 @@ for line in CONTROL_NETWORK=1 WORKERS=2 '# a line of our own'; do
 done
 case $(debconf-show tcp-intercept) in *"bind-outgoing: client"*) ;; *) false ;; esac || fail "debconf did not learn BIND_OUTGOING"
 
+# A policy: a copy of the packaged example (its bypass rules go to the
+# firewall at start; reload re-reads it and updates them in place).
+POLICY_FILE=$WORK/policy.toml
+chmod 0755 "$WORK" # the daemon's user reads the policy again on reload
+install -m 0644 /usr/share/tcp-intercept/policy.example.toml "$POLICY_FILE"
+echo "POLICY=$POLICY_FILE" >>"$DEFAULTS"
+bypassed() { # PREFIX: in our nft set or ipset in the router
+	{ in_ns "$NS_R" nft list ruleset 2>/dev/null; in_ns "$NS_R" ipset list 2>/dev/null; } |
+		grep -q "$1"
+}
+
 # -- 4. the init script in a router -----------------------------------------
 
 say "client $NS_C -- router $NS_R -- server $NS_S"
@@ -274,10 +287,21 @@ if [ "$(info Pid)" != "$pid" ] || [ "$(info Version)" != "$version" ] || [ "$(in
 $(tcp-intercept-ctl -s "$CTL_SOCKET" show info 2>&1)"
 fi
 
-say "init script: status, reload, logrotate"
+say "the policy: show policy, its bypass prefixes in the firewall"
+shown=$(tcp-intercept-ctl -s "$CTL_SOCKET" show policy) || fail "show policy: exit status $?"
+case $shown in
+	*"Rule: 1 vpn-peer destination=203.0.113.7/32 bypass"*"Rule: 6 satellite matched="*) ;;
+	*) fail "show policy: $shown" ;;
+esac
+bypassed 203.0.113.7 || fail "start: the policy's bypass prefix is not in the firewall"
+printf '\n[[rule]]\nname = "smoke"\nbypass = true\ndestination = "192.0.2.99/32"\n' >>"$POLICY_FILE"
+
+say "init script: status, reload (the policy too), logrotate"
 init_script status >/dev/null || fail "status: exit status $? while running"
 init_script reload >/dev/null || fail "reload: exit status $?"
 wait_for 10 "SIGHUP reopen line" grep -q "Received SIGHUP, (re)opening this logfile" "$LOG"
+wait_for 10 "the policy reloaded" grep -q "Policy reloaded from $POLICY_FILE: 7 rule(s)" "$LOG"
+bypassed 192.0.2.99 || fail "reload: the new bypass prefix is not in the firewall"
 logrotate -s "$WORK/logrotate.state" -f /etc/logrotate.d/tcp-intercept || fail "logrotate"
 [ -f "$LOG.1" ] || fail "logrotate: no $LOG.1"
 wait_for 10 "reopened log after logrotate" grep -q "Received SIGHUP, (re)opening this logfile" "$LOG"
