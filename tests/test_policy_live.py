@@ -379,3 +379,36 @@ def reset(sock: socket.socket) -> bool:
         return sock.recv(1) == b""
     except (ConnectionResetError, BrokenPipeError):
         return True
+
+
+def test_a_rules_source_and_connect_timeout_are_its_own(topo, peers, far_peers, start_daemon,
+                                                        tmp_path):
+    silent = 7100  # SYNs to it are dropped in the far namespace
+    topo.run(topo.far, "nft", "add table inet hp_silent; add chain inet hp_silent in { type "
+             "filter hook input priority 0; }; add rule inet hp_silent in tcp dport "
+             f"{silent} drop")
+    policy = write_policy(tmp_path / "p.toml", f"""
+        [[rule]]
+        name = "spoof"
+        destination = "{{near}}/32"
+        source = "client"
+
+        [[rule]]
+        name = "silent"
+        port = {silent}
+        connect_timeout = 1
+        """, topo)
+    daemon = start_daemon("--policy", policy, log_file=True)
+    for host, server, seen in ((topo.SERVER4, peers, topo.CLIENT4),
+                               (topo.FAR4, far_peers, topo.ROUTER4_F)):
+        data = payload(50_000, seed=len(host))
+        with topo.connect(topo.cli, host, ECHO) as sock:
+            assert exchange(sock, data) == (len(data), sha256(data), "eof")
+        [record] = server.wait_digests({sha256(data)})
+        assert record.peer[0] == seen, (host, record)
+    with topo.connect(topo.cli, topo.FAR4, silent) as sock:  # the router's side answers
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+        assert 0.9 <= time.monotonic() - started <= 1.8
+    daemon.wait_log(f"-->[{topo.FAR4}]:{silent}: connect to server failed: timed out")
