@@ -407,7 +407,7 @@ status=$(exit_status init_script start 2>/dev/null)
 [ "$status" = 64 ] || fail "start with a bad option: exit status $status, not 64"
 no_rules "rules installed for a daemon that did not start"
 
-say "the unit's commands (systemd-helper): firewall-up, daemon, firewall-down"
+say "the unit's commands (systemd-helper): firewall-up, daemon, firewall-bypass, firewall-down"
 sed -i '/^DAEMON_OPTS="--no-such-option"$/d' "$DEFAULTS"
 HELPER=/usr/lib/tcp-intercept/systemd-helper
 in_ns "$NS_R" "$HELPER" firewall-up || fail "systemd-helper firewall-up: exit status $?"
@@ -417,6 +417,9 @@ unit=$!
 wait_for 10 "foreground daemon's pid file" our_daemon
 [ "$(our_daemon)" = "$unit" ] || fail "systemd-helper daemon: the pid file is not its own pid (no exec?)"
 transfer
+printf '\n[[rule]]\nname = "unit"\nbypass = true\ndestination = "192.0.2.98/32"\n' >>"$POLICY_FILE"
+in_ns "$NS_R" "$HELPER" firewall-bypass || fail "systemd-helper firewall-bypass: exit status $?"
+bypassed 192.0.2.98 || fail "systemd-helper firewall-bypass: the new bypass prefix is not in the firewall"
 kill -TERM "$unit"
 exited() { case $(ps -o stat= -p "$1") in "" | Z*) return 0 ;; *) return 1 ;; esac; }
 wait_for 10 "exit of the foreground daemon on SIGTERM" exited "$unit"
