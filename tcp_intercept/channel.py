@@ -27,6 +27,9 @@
                        "closed ADDRESS N" then, as its connections close
                        "matched RULE N"   N more connections got the
                                 policy rule RULE (each second, if any)
+                       "policy SHA256 loaded|kept"   the answer to
+                                "policy": in force here from now on, or
+                                the old one kept (the log says why)
 
 Both ends are non-blocking and watched by their own loop: a slow reader
 never blocks the writer, whose lines wait in memory. The master's end

@@ -97,9 +97,10 @@ def remove_control_socket(path: str, file_id: tuple[int, int]) -> None:
 
 class Control:
     def __init__(self, loop, sock: socket.socket, status: Status,
-                 reload: Callable[[], tuple[bool, str]] | None = None):
+                 reload: Callable[[Callable[[bool, str], None]], None] | None = None):
         self.status = status
-        self.reload = reload  # -> (done, message): policy_keeper.PolicyKeeper.reload
+        # reload(done): policy_keeper.PolicyKeeper.reload; done(in force, message)
+        self.reload = reload
         self.server = RequestServer(loop, sock, self._handle, end=b"\n",
                                     max_request=MAX_COMMAND)
 
@@ -118,8 +119,8 @@ class Control:
         elif command == "show policy":
             respond(_text(self.status.policy_lines()))
         elif command == "reload" and self.reload is not None:
-            done, message = self.reload()
-            respond(f"{'' if done else 'ERROR: '}{message}\n".encode())
+            self.reload(lambda done, message:
+                        respond(f"{'' if done else 'ERROR: '}{message}\n".encode()))
         elif command == "help":
             respond(HELP.encode())
         else:

@@ -115,7 +115,7 @@ class Master:
         self.upgrading = taken is not None
         self.loop = Loop(on_error=self._on_error)
         self.workers: dict[int, WorkerHandle] = {}
-        self.policy_keeper = PolicyKeeper(config, policy, self._tell_policy)
+        self.policy_keeper = PolicyKeeper(config, policy, self.loop, self._tell_policy)
         self.status = Status(config, board, self.loop, self.workers, self.started,
                              self.policy_keeper)
         self.control = None if sockets.control is None else \
@@ -243,6 +243,9 @@ class Master:
                 self.policy_keeper.add(*counted[1:])
             else:
                 self._pass_on(handle, line, *counted)
+        elif line.startswith(f"{Word.POLICY} "):  # "policy DIGEST loaded|kept"
+            _, digest, what = (line.split() + ["", ""])[:3]
+            self.policy_keeper.answered(handle.pid, digest, what == "loaded")
         elif handle.conns_waiting:
             if line:
                 handle.conns_lines.append(line)
@@ -304,6 +307,7 @@ class Master:
 
     def _exited(self, handle: WorkerHandle, status: int) -> None:
         del self.workers[handle.pid]
+        self.policy_keeper.gone(handle.pid)
         handle.channel.close()
         if handle.held:  # what it held when it went
             self._to_successor(handle.number, *(count_line(Word.CLOSED, address, count)
@@ -498,12 +502,15 @@ class Master:
         if self.config.policy:
             self.policy_keeper.reload()
 
-    def _tell_policy(self, digest: str) -> None:
+    def _tell_policy(self, digest: str) -> list[int]:
         """A reloaded policy: every worker of ours loads it (not an old
-        program's: it may not know the word)."""
+        program's: it may not know the word); the pids told."""
+        told = []
         for handle in self.workers.values():
-            if handle.state in (State.STARTING, State.SERVING):
+            if handle.state in (State.STARTING, State.SERVING) and not handle.channel.closed:
                 handle.channel.send(f"{Word.POLICY} {digest}")
+                told.append(handle.pid)
+        return told
 
     def _on_error(self, context, err: BaseException) -> None:
         log.opt(exception=err).error("Unexpected error in {}", context)

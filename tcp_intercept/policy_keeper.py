@@ -7,9 +7,11 @@ log and to the reloading command's answer, and the old policy stays in
 force everywhere. A good one replaces the master's (workers started from
 now on are forked with it) and each worker is told to load it too, by the
 file's SHA-256: a worker that reads something else (the file changed in
-between) keeps its old policy and says so in the log. A worker applies the
-new policy to the connections it accepts from then on; connections already
-open keep the recipe they were given.
+between) keeps its old policy and says so in the log. Each worker answers
+once it has loaded it (or kept the old one), and the reloading command's
+answer waits for every worker's (at most ANSWER_TIMEOUT): once it says so,
+every connection accepted from then on gets the new policy. Connections
+already open keep the recipe they were given.
 
 Matches: each worker counts per rule and reports the counts of the last
 second over its channel (`matched RULE N`); the master adds them up by rule
@@ -23,30 +25,52 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from loguru import logger as log
 
 from . import policy_file
 from .config import Config
 from .errors import PolicyError
+from .evloop import Loop
 from .policy import Policy, counts_clients
 
 
+ANSWER_TIMEOUT = 5.0  # seconds the workers get to load a reloaded policy
+Done = Callable[[bool, str], None]
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A reload whose workers have not all answered yet."""
+    digest: str
+    waiting: set[int]
+    done: Done
+    message: str
+    timer: object = None
+    kept: list[int] = field(default_factory=list)
+
+
 class PolicyKeeper:
-    def __init__(self, config: Config, policy: Policy | None,
-                 tell_workers: Callable[[str], None]):
+    def __init__(self, config: Config, policy: Policy | None, loop: Loop,
+                 tell_workers: Callable[[str], list[int]]):
         self.config = config
         self.policy = policy
-        self.tell_workers = tell_workers  # sends one line to every serving worker
+        self.loop = loop
+        # Sends the digest to every serving worker; the pids it told.
+        self.tell_workers = tell_workers
+        self.pending: list[_Pending] = []
         self.matched: Counter = Counter()
         self.failed: str | None = None    # the last reload's error, while it stands
         self.counting = counts_clients(config, policy)  # per client, from start-up
 
-    def reload(self) -> tuple[bool, str]:
-        """Re-read the policy; (whether it is in force now, what to tell the operator)."""
+    def reload(self, done: Done = lambda ok, message: None) -> None:
+        """Re-read the policy; done(whether it is in force in every worker,
+        what to tell the operator) once it is, or why not."""
         path = self.config.policy
         if path is None:
-            return False, "no policy to reload: the daemon was started without --policy"
+            done(False, "no policy to reload: the daemon was started without --policy")
+            return
         try:
             new = policy_file.load(path, self.config)
             if new.limits_clients and not self.counting:
@@ -58,12 +82,50 @@ class PolicyKeeper:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.policy.loaded))
             message = f"policy not reloaded, the one loaded at {since} stays: {err}"
             log.error("{}", message)
-            return False, message
+            done(False, message)
+            return
         self.policy, self.failed = new, None
-        self.tell_workers(new.digest)
         message = f"Policy reloaded from {new.path}: {len(new.rules)} rule(s)"
         log.info("{}", message)
-        return True, message
+        pending = _Pending(new.digest, set(self.tell_workers(new.digest)), done, message)
+        if not pending.waiting:
+            done(True, f"{message}, in force in every worker")
+            return
+        pending.timer = self.loop.timer(ANSWER_TIMEOUT)
+        pending.timer.start(lambda: self._finish(pending))
+        self.pending.append(pending)
+
+    def answered(self, pid: int, digest: str, loaded: bool) -> None:
+        """Worker pid loaded the policy of that digest, or kept its old one."""
+        for pending in list(self.pending):
+            if pending.digest == digest and pid in pending.waiting:
+                pending.waiting.discard(pid)
+                if not loaded:
+                    pending.kept.append(pid)
+                if not pending.waiting:
+                    self._finish(pending)
+
+    def gone(self, pid: int) -> None:
+        """Worker pid exited: nothing to wait for (its successor is forked
+        with the master's policy, the new one)."""
+        for pending in list(self.pending):
+            if pid in pending.waiting:
+                pending.waiting.discard(pid)
+                if not pending.waiting:
+                    self._finish(pending)
+
+    def _finish(self, pending: _Pending) -> None:
+        if pending not in self.pending:
+            return
+        pending.timer.stop()
+        pending.timer.close()
+        self.pending.remove(pending)
+        if pending.kept or pending.waiting:
+            why = [f"worker {pid} kept the old one (see the log)" for pid in pending.kept]
+            why += [f"worker {pid} did not answer" for pid in sorted(pending.waiting)]
+            pending.done(False, f"{pending.message}, but {'; '.join(why)}")
+        else:
+            pending.done(True, f"{pending.message}, in force in every worker")
 
     def add(self, rule: str, count: int) -> None:
         """A worker's report: count more connections matched rule."""

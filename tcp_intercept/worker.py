@@ -156,18 +156,20 @@ class Worker:
             self.listener.save_syn(policy.needs_syn)
 
     def _reload_policy(self, digest: str) -> None:
-        """The master reloaded the policy file (it read digest, SHA-256)."""
+        """The master reloaded the policy file (it read digest, SHA-256):
+        load it, and say so ("loaded"), or keep the old one ("kept")."""
         try:
             policy = policy_file.load(self.config.policy, self.config)
+            if policy.digest != digest:
+                raise PolicyError(f"{self.config.policy} changed while it was reloaded "
+                                  "(reload again)")
         except PolicyError as err:
             log.error("Worker {}: policy not reloaded, the old one stays: {}", self.number, err)
-            return
-        if policy.digest != digest:
-            log.error("Worker {}: policy not reloaded, the old one stays: {} changed while it "
-                      "was reloaded (reload again)", self.number, self.config.policy)
+            self.channel.send(f"{Word.POLICY} {digest} kept")
             return
         self._report_matches()
         self._use_policy(policy)
+        self.channel.send(f"{Word.POLICY} {digest} loaded")
 
     def _report_matches(self) -> None:
         """Tell the master what each rule matched since the last report."""

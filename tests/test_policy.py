@@ -247,21 +247,39 @@ def test_the_packaged_example_policy_loads():
 
 
 def test_reload_keeps_the_old_policy_on_a_bad_file_or_a_first_per_client_limit(tmp_path):
+    from tcp_intercept.evloop import Loop
     from tcp_intercept.policy_keeper import PolicyKeeper
     path = write(tmp_path, LAN)
     config = Config(policy=path)
-    told = []
-    keeper = PolicyKeeper(config, policy_file.load(path, config, probe=False), told.append)
+    told, answers = [], []
+    loop = Loop()
+
+    def tell(digest: str) -> list[int]:
+        told.append(digest)
+        return [101, 102]  # two workers
+
+    keeper = PolicyKeeper(config, policy_file.load(path, config, probe=False), loop, tell)
     old = keeper.policy
     for text, why in (("[[rule]]\nport = 0\n", "rule 1: port: 0"),
                       ("[[rule]]\nmax_per_client = 3\n", "restart it to use one")):
         write(tmp_path, text)
-        done, message = keeper.reload()
-        assert not done and why in message and keeper.policy is old and told == []
+        keeper.reload(lambda ok, message: answers.append((ok, message)))
+        ok, message = answers.pop()
+        assert not ok and why in message and keeper.policy is old and told == []
         assert any(line.startswith("Last_reload_failed: ") for line in keeper.lines())
     write(tmp_path, LAN.replace("cubic", "reno"))
-    assert keeper.reload() == (True, f"Policy reloaded from {path}: 3 rule(s)")
-    assert told == [keeper.policy.digest] and keeper.policy is not old
+    keeper.reload(lambda ok, message: answers.append((ok, message)))
+    assert told == [keeper.policy.digest] and keeper.policy is not old and answers == []
+    keeper.answered(101, keeper.policy.digest, True)
+    assert answers == []                                   # the answer waits for both
+    keeper.answered(102, keeper.policy.digest, True)
+    assert answers == [(True, f"Policy reloaded from {path}: 3 rule(s), in force in every "
+                              "worker")]
+    keeper.reload(lambda ok, message: answers.append((ok, message)))
+    keeper.answered(101, keeper.policy.digest, False)
+    keeper.gone(102)
+    assert not answers[-1][0] and "worker 101 kept the old one" in answers[-1][1]
     keeper.add("lan", 2)
     assert "Rule: 1 lan destination=192.168.1.0/24,fd00:1::/64 matched=2" in keeper.lines()
     assert keeper.totals() == {"lan": 2, "web-lte": 0, "default": 0}
+    loop.destroy()
