@@ -478,3 +478,34 @@ def test_a_reload_that_needs_a_capability_the_daemon_dropped_is_refused(
         in answer, answer
     with held(topo, daemon, topo.FAR4) as (_, _, outgoing):
         assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0
+
+
+def test_reloads_under_traffic_cut_nothing(topo, peers, far_peers, start_daemon, tmp_path):
+    import threading
+    policy = write_policy(tmp_path / "p.toml", POLICY, topo)
+    daemon = start_daemon("-w", "2", "--policy", policy, control=True, log_file=True,
+                          listen=f"[::]:[{topo.port}]")
+    results: list = []
+    connected = threading.Semaphore(0)
+
+    def transfer(seed: int) -> None:
+        data = payload(3_000_000, seed=seed)
+        with topo.connect(topo.cli, topo.SERVER4 if seed % 2 else topo.SERVER6, ECHO,
+                          timeout=60) as sock:
+            sock.sendall(data[:1000])  # relaying before the reloads
+            connected.release()
+            # The echo of all of it comes back: the first 1000 bytes too.
+            results.append(exchange(sock, data[1000:]) == (len(data), sha256(data), "eof"))
+
+    threads = [threading.Thread(target=transfer, args=(seed,)) for seed in range(100, 108)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert connected.acquire(timeout=20)
+    for cc in ("reno", "bbr", "cubic"):
+        write_policy(tmp_path / "p.toml", POLICY.replace('"bbr"', f'"{cc}"'), topo)
+        assert "in force in every worker" in daemon.ask("reload")
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [True] * 8
+    assert daemon.lines_by_now("Error") == [] and daemon.lines_by_now("reset") == []
