@@ -120,18 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     except AddressError as err:
         sys.stderr.write(f"{err}\n")
         return err.status
-    policy = None
-    if config.policy:
-        from . import policy_file
-        try:
-            policy = policy_file.load(config.policy, config)
-        except PolicyError as err:
-            sys.stderr.write(f"{prog}: {err}\n")
-            return err.status
+    try:
+        policy = _load_policy(config) if config.policy else None
+    except PolicyError as err:
+        sys.stderr.write(f"{prog}: {err}\n")
+        return err.status
     from . import handover, startup  # the event loop and its C extension only past parsing
     if os.environ.get(handover.CHECK_ENV):
         return _check_upgrade(config)
     return startup.run(config, handover.program(), policy)
+
+
+def _load_policy(config: Config):
+    """The policy of --policy, checked against the options; PolicyError."""
+    from . import policy_file
+    policy = policy_file.load(config.policy, config)
+    if policy.limits_clients and config.when_full == "bypass" and config.workers > 1:
+        raise PolicyError(f"{config.policy}: max_per_client with --when-full bypass needs one "
+                          "worker (-w 1): a worker that stops listening would move clients "
+                          "between workers")
+    return policy
 
 
 def _check_upgrade(config: Config) -> int:
