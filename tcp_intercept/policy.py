@@ -27,6 +27,7 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import recipe as recipes
 from . import sockopts
@@ -39,13 +40,28 @@ TCP_IS_MPTCP = 43
 PORTS_LISTED = 4096
 
 
+class Prefix(NamedTuple):
+    """A network: 4 or 6, its address as an integer, its prefix length."""
+    version: int
+    address: int
+    length: int
+
+    @property
+    def bits(self) -> int:
+        return 32 if self.version == 4 else 128
+
+    def __str__(self) -> str:
+        family, size = (socket.AF_INET, 4) if self.version == 4 else (socket.AF_INET6, 16)
+        return f"{socket.inet_ntop(family, self.address.to_bytes(size, 'big'))}/{self.length}"
+
+
 @dataclass(eq=False)
 class Rule:
     number: int                      # 1.., in the file's order
     name: str
     recipe: Recipe
     bypass: bool = False
-    destinations: list = field(default_factory=list)   # ip_network objects
+    destinations: list = field(default_factory=list)   # Prefix
     clients: list = field(default_factory=list)
     ports: tuple = ()                                   # ((low, high), ...)
     client_mptcp: bool | None = None
@@ -95,12 +111,12 @@ class PrefixTable:
         self.tables: dict[int, dict] = {}  # shift -> {network >> shift: [values]}
         self.by_length: list[tuple[int, dict]] = []  # the same, longest prefixes first
 
-    def add(self, network, value) -> None:
-        shift = self.bits - network.prefixlen
+    def add(self, prefix: Prefix, value) -> None:
+        shift = self.bits - prefix.length
         if shift not in self.tables:
             self.tables[shift] = {}
             self.by_length = sorted(self.tables.items())
-        self.tables[shift].setdefault(int(network.network_address) >> shift, []).append(value)
+        self.tables[shift].setdefault(prefix.address >> shift, []).append(value)
 
     def lookup(self, address: int) -> list:
         found = []
