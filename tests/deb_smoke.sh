@@ -231,8 +231,9 @@ chmod 0755 "$WORK" # the daemon's user reads the policy again on reload
 install -m 0644 /usr/share/tcp-intercept/policy.example.toml "$POLICY_FILE"
 echo "POLICY=$POLICY_FILE" >>"$DEFAULTS"
 bypassed() { # PREFIX: in our nft set or ipset in the router
-	{ in_ns "$NS_R" nft list ruleset 2>/dev/null; in_ns "$NS_R" ipset list 2>/dev/null; } |
-		grep -q "$1"
+	local found # whole, then grep: grep -q in a pipe may end nft with SIGPIPE (pipefail)
+	found=$(in_ns "$NS_R" nft list ruleset 2>/dev/null; in_ns "$NS_R" ipset list 2>/dev/null || true)
+	grep -q "$1" <<<"$found"
 }
 
 # -- 4. the init script in a router -----------------------------------------

@@ -204,6 +204,10 @@ in_ct sed -i -e 's/^BIND_OUTGOING=.*/BIND_OUTGOING=client/' \
 	-e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' -e 's/^WORKERS=.*/WORKERS=2/' "$DEFAULTS"
 [ "$(in_ct grep -cxE 'BIND_OUTGOING=client|CONTROL_NETWORK=1|WORKERS=2' "$DEFAULTS")" = 3 ] ||
 	fail "could not set BIND_OUTGOING, CONTROL_NETWORK and WORKERS in $DEFAULTS"
+# A policy: the packaged example (its bypass rules go to the firewall).
+POLICY_FILE=/etc/tcp-intercept/policy.toml
+in_ct install -D -m 0644 /usr/share/tcp-intercept/policy.example.toml "$POLICY_FILE"
+in_ct sh -c "echo POLICY=$POLICY_FILE >>$DEFAULTS"
 ct_systemctl start tcp-intercept || fail "systemctl start: exit status $?"
 wait_for 10 "active tcp-intercept.service" ct_systemctl is-active tcp-intercept
 PORT=$(in_ct sh -c '. /usr/lib/tcp-intercept/service.sh && tcp_intercept_listen_port')
@@ -228,11 +232,18 @@ if [ "$(info Pid)" != "$MAINPID" ] || [ "$(info Version)" != "$VERSION" ] || [ "
 $(in_ct tcp-intercept-ctl -s "$CTL_SOCKET" show info 2>&1)"
 fi
 
-phase "systemctl reload: the log file reopened"
+phase "systemctl reload: the log file reopened, the policy re-read, its bypass set updated"
+# (The ruleset whole, then grep: grep -q in a pipe may end nft with SIGPIPE.)
+rules=$(in_ct nft list ruleset)
+grep -q 203.0.113.7 <<<"$rules" || fail "start: the policy's bypass prefix is not in the firewall"
+in_ct sh -c "printf '\\n[[rule]]\\nname = \"ct\"\\nbypass = true\\ndestination = \"192.0.2.97/32\"\\n' >>$POLICY_FILE"
 in_ct mv "$LOG" "$LOG.1"
 ct_systemctl reload tcp-intercept || fail "systemctl reload: exit status $?"
 wait_for 10 "new $LOG with 'Received SIGHUP, (re)opening this logfile'" \
 	in_ct grep -qF "Received SIGHUP, (re)opening this logfile" "$LOG"
+wait_for 10 "the policy reloaded" in_ct grep -qF "Policy reloaded from $POLICY_FILE: 7 rule(s)" "$LOG"
+rules=$(in_ct nft list ruleset)
+grep -q 192.0.2.97 <<<"$rules" || fail "reload: the new bypass prefix is not in the firewall"
 [ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] ||
 	fail "reload: the main pid is no longer $MAINPID"
 transfer # and the new file logs the next connection
