@@ -23,7 +23,9 @@ from . import sockopts
 from .address import parse as parse_address
 from .config import DEFAULT_OUTGOING
 from .errors import AddressError, PolicyError, UsageError
-from .policy import SO_MARK, Policy, Prefix, PrefixTable, Rule, needs_net_admin
+from .policy import SO_MARK, Policy, PrefixTable, Rule, needs_net_admin
+from .policy_values import (Where, read_bool, read_int, read_ports, read_prefixes, read_rate,
+                            read_seconds)
 from .recipe import COPY, Recipe
 
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -31,8 +33,6 @@ SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)
 MAX_BYTES = 1 << 31
 MAX_FILE = 64 << 20  # a policy file longer than this is a mistake
 NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
-RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps|b|byte|bytes)?(?:/s)?", re.I)
-UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
 
 MATCH_KEYS = ("destination", "port", "client", "client_mptcp")
 RULE_KEYS = ("name", *MATCH_KEYS, "bypass", "mptcp", "source", "keepalive", "user_timeout",
@@ -75,19 +75,9 @@ def load(path: str, config, probe: bool = True) -> Policy:
     return Policy(os.path.abspath(path), rules, default, hashlib.sha256(text).hexdigest())
 
 
-class _Where:
-    """Says where an error is: file, rule number (and name), key."""
-
-    def __init__(self, path: str, number: int, name: str | None):
-        self.prefix = f"{path}: rule {number}" + (f" ({name})" if name else "")
-
-    def error(self, key: str, message: str) -> PolicyError:
-        return PolicyError(f"{self.prefix}: {key}: {message}")
-
-
 def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool) -> Rule:
     name = entry.get("name")
-    where = _Where(path, number, name if isinstance(name, str) else None)
+    where = Where(path, number, name if isinstance(name, str) else None)
     for key in entry:
         if key not in RULE_KEYS:
             raise where.error(key, f"unknown key; a rule knows {', '.join(RULE_KEYS)}")
@@ -95,14 +85,14 @@ def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool) -> 
         name = f"rule{number}"
     elif not isinstance(name, str) or not NAME.fullmatch(name):
         raise where.error("name", "letters, digits and _.:- only, at most 64")
-    rule = Rule(number, name, default, bypass=_bool(where, entry, "bypass") or False)
-    rule.destinations = _prefixes(where, entry, "destination")
-    rule.clients = _prefixes(where, entry, "client")
+    rule = Rule(number, name, default, bypass=read_bool(where, entry, "bypass") or False)
+    rule.destinations = read_prefixes(where, entry, "destination")
+    rule.clients = read_prefixes(where, entry, "client")
     for network in rule.clients:
         rule.client_table.setdefault(network.version, PrefixTable(network.bits)) \
             .add(network, True)
-    rule.ports = _ports(where, entry.get("port"))
-    rule.client_mptcp = _bool(where, entry, "client_mptcp")
+    rule.ports = read_ports(where, entry.get("port"))
+    rule.client_mptcp = read_bool(where, entry, "client_mptcp")
     if rule.bypass:
         extra = [key for key in entry if key not in ("name", "destination", "client", "bypass")]
         if extra:
@@ -116,7 +106,7 @@ def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool) -> 
     return rule
 
 
-def _recipe(where: _Where, name: str, entry: dict, default: Recipe, probe: bool) -> Recipe:
+def _recipe(where: Where, name: str, entry: dict, default: Recipe, probe: bool) -> Recipe:
     server = {(level, option): value for level, option, value in default.server_options}
     client: dict = {}
     both = _connection_options(where, entry)
@@ -141,10 +131,10 @@ def _recipe(where: _Where, name: str, entry: dict, default: Recipe, probe: bool)
     return made
 
 
-def _connection(where: _Where, entry: dict, probe: bool) -> dict:
+def _connection(where: Where, entry: dict, probe: bool) -> dict:
     """mptcp, source, the timeouts and the per-client limit, as Recipe fields."""
     changes: dict = {}
-    mptcp = _bool(where, entry, "mptcp")
+    mptcp = read_bool(where, entry, "mptcp")
     if mptcp is not None:
         if mptcp and probe and not sockopts.mptcp_available():
             raise where.error("mptcp", "Multipath TCP is not available: the kernel lacks it "
@@ -154,14 +144,14 @@ def _connection(where: _Where, entry: dict, probe: bool) -> dict:
         changes.update(_source(where, entry["source"]))
     for key in ("connect_timeout", "idle_timeout"):
         if key in entry:
-            changes[key] = _seconds(where, key, entry[key])
+            changes[key] = read_seconds(where, key, entry[key])
     if "max_per_client" in entry:
-        changes["max_per_client"] = _int(where, "max_per_client", entry["max_per_client"],
+        changes["max_per_client"] = read_int(where, "max_per_client", entry["max_per_client"],
                                          1, MAX_BYTES)
     return changes
 
 
-def _check_mptcp_user_timeout(where: _Where, made: Recipe) -> None:
+def _check_mptcp_user_timeout(where: Where, made: Recipe) -> None:
     if made.server_proto != sockopts.IPPROTO_MPTCP:
         return
     for level, option, value in made.server_options:
@@ -171,7 +161,7 @@ def _check_mptcp_user_timeout(where: _Where, made: Recipe) -> None:
                               "TCP_USER_TIMEOUT; use mptcp or user_timeout, not both")
 
 
-def _connection_options(where: _Where, entry: dict) -> dict:
+def _connection_options(where: Where, entry: dict) -> dict:
     """keepalive and user_timeout: both legs, as on the command line."""
     options = {}
     if "keepalive" in entry:
@@ -184,7 +174,7 @@ def _connection_options(where: _Where, entry: dict) -> dict:
             for key, number in (value.items() if isinstance(value, dict) else ()):
                 if key not in timing:
                     raise where.error(f"keepalive.{key}", "unknown key; idle, interval, count")
-                timing[key] = _int(where, f"keepalive.{key}", number, 1, 32767)
+                timing[key] = read_int(where, f"keepalive.{key}", number, 1, 32767)
             options[(socket.SOL_SOCKET, socket.SO_KEEPALIVE)] = 1
             options[(tcp, socket.TCP_KEEPIDLE)] = timing["idle"]
             options[(tcp, socket.TCP_KEEPINTVL)] = timing["interval"]
@@ -192,18 +182,18 @@ def _connection_options(where: _Where, entry: dict) -> dict:
         else:
             raise where.error("keepalive", "true, false or {idle=, interval=, count=}")
     if "user_timeout" in entry:
-        seconds = _seconds(where, "user_timeout", entry["user_timeout"], zero=True)
+        seconds = read_seconds(where, "user_timeout", entry["user_timeout"], zero=True)
         options[(socket.IPPROTO_TCP, sockopts.TCP_USER_TIMEOUT)] = int(seconds * 1000)
     return options
 
 
-def _leg(where: _Where, leg: str, table: dict, options: dict, probe: bool) -> int | None:
+def _leg(where: Where, leg: str, table: dict, options: dict, probe: bool) -> int | None:
     """The leg's keys into options; its DSCP (a value or COPY), if set."""
     dscp = None
     for key, value in table.items():
         name = f"{leg}.{key}"
         if key == "dscp":
-            dscp = COPY if value == "copy" else _int(where, name, value, 0, 63)
+            dscp = COPY if value == "copy" else read_int(where, name, value, 0, 63)
         elif key in LEG_OPTIONS:
             option, convert = LEG_OPTIONS[key]
             options[option] = convert(where, name, value, probe)
@@ -212,7 +202,7 @@ def _leg(where: _Where, leg: str, table: dict, options: dict, probe: bool) -> in
     return dscp
 
 
-def _congestion(where: _Where, name: str, value, probe: bool) -> bytes:
+def _congestion(where: Where, name: str, value, probe: bool) -> bytes:
     if not isinstance(value, str):
         raise where.error(name, "the name of a congestion control, e.g. \"bbr\"")
     if probe:
@@ -224,7 +214,7 @@ def _congestion(where: _Where, name: str, value, probe: bool) -> bytes:
 
 
 def _bounded(low: int, high: int):
-    return lambda where, name, value, probe: _int(where, name, value, low, high)
+    return lambda where, name, value, probe: read_int(where, name, value, low, high)
 
 
 # A leg's keys but dscp: the option each sets, and how its value is read.
@@ -235,11 +225,11 @@ LEG_OPTIONS = {
     "rcvbuf": ((socket.SOL_SOCKET, socket.SO_RCVBUF), _bounded(1024, MAX_BYTES)),
     "notsent_lowat": ((socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT), _bounded(1, MAX_BYTES)),
     "pacing_rate": ((socket.SOL_SOCKET, SO_MAX_PACING_RATE),
-                    lambda where, name, value, probe: _rate(where, name, value)),
+                    lambda where, name, value, probe: read_rate(where, name, value)),
 }
 
 
-def _source(where: _Where, value) -> dict:
+def _source(where: Where, value) -> dict:
     if value == "client":
         return recipes.source(None)
     if value == "any":
@@ -253,7 +243,7 @@ def _source(where: _Where, value) -> dict:
         raise where.error("source", str(err)) from None
 
 
-def _check_net_admin(where: _Where, made: Recipe) -> None:
+def _check_net_admin(where: Where, made: Recipe) -> None:
     """Whether this process may set SO_MARK and IP_TRANSPARENT (CAP_NET_ADMIN)."""
     with socket.socket() as probe:
         try:
@@ -267,99 +257,6 @@ def _check_net_admin(where: _Where, made: Recipe) -> None:
             raise where.error(key, "needs the CAP_NET_ADMIN capability, which this daemon "
                               "does not have (run as root, or start it with a policy that "
                               "needs it so that it is kept)") from None
-
-
-def _prefixes(where: _Where, entry: dict, key: str) -> list:
-    value = entry.get(key, [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise where.error(key, "a prefix such as \"192.0.2.0/24\", or a list of them")
-    networks = []
-    for text in value:
-        prefix = _prefix(text)
-        if isinstance(prefix, str):
-            raise where.error(key, f"{text!r} is not a prefix: {prefix}")
-        networks.append(prefix)
-    return networks
-
-
-def _prefix(text) -> Prefix | str:
-    """"192.0.2.0/24", "2001:db8::/32" or an address alone (all of its
-    bits) as a Prefix, or what is wrong with it. (ipaddress.ip_network
-    takes ten times as long: 10,000 prefixes are read at every reload.)"""
-    if not isinstance(text, str):
-        return "not text"
-    address, _, length = text.partition("/")
-    version, family, size = (6, socket.AF_INET6, 16) if ":" in address else \
-        (4, socket.AF_INET, 4)
-    try:
-        value = int.from_bytes(socket.inet_pton(family, address), "big")
-    except OSError:
-        return f"{address!r} is not an IPv{version} address"
-    bits = size * 8
-    if not length:
-        length = str(bits)
-    if not length.isdigit() or not 0 <= int(length) <= bits:
-        return f"the prefix length must be 0 to {bits}"
-    if value & ((1 << (bits - int(length))) - 1):
-        return f"{text} has host bits set"
-    return Prefix(version, value, int(length))
-
-
-def _ports(where: _Where, value) -> tuple:
-    if value is None:
-        return ()
-    items = value if isinstance(value, list) else [value]
-    ports = []
-    for item in items:
-        if isinstance(item, int) and not isinstance(item, bool):
-            low = high = item
-        elif isinstance(item, str) and re.fullmatch(r"\d+-\d+", item):
-            low, high = map(int, item.split("-"))
-        else:
-            raise where.error("port", f"{item!r}: a port, a range \"1000-2000\", or a list")
-        if not 1 <= low <= high <= 65535:
-            raise where.error("port", f"{item!r}: ports are 1 to 65535, low to high")
-        ports.append((low, high))
-    return tuple(ports)
-
-
-def _bool(where: _Where, entry: dict, key: str) -> bool | None:
-    value = entry.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise where.error(key, "true or false")
-    return value
-
-
-def _int(where: _Where, key: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise where.error(key, f"{value!r}: a whole number from {low} to {high}")
-    return value
-
-
-def _seconds(where: _Where, key: str, value, zero: bool = False) -> float:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not (value >= 0 if zero else value > 0) or not value < 2**31 / 1000:
-        raise where.error(key, f"{value!r}: seconds, greater than zero"
-                          + (" (or 0: the kernel's)" if zero else ""))
-    return float(value)
-
-
-def _rate(where: _Where, key: str, value) -> int:
-    """Bytes per second: a number, or text such as "50mbit" or "10MB"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = RATE.fullmatch(value.strip()) if isinstance(value, str) else None
-    if not match:
-        raise where.error(key, f"{value!r}: bytes per second, or \"50mbit\", \"10MB\"")
-    number, unit, kind = match.groups()
-    rate = float(number) * UNITS[unit.lower()]
-    if (kind or "").lower() in ("bit", "bps"):
-        rate /= 8
-    if not 1 <= rate < 2**32:
-        raise where.error(key, f"{value!r}: from 1 byte/s to 4 GB/s")
-    return int(rate)
 
 
 def bypass_lines(policy: Policy) -> list[str]:
