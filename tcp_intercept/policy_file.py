@@ -3,7 +3,8 @@ the rules of a Policy (policy.py), each with the recipe it gives.
 
 Every mistake is a PolicyError naming the file and, past TOML's own syntax
 (whose message gives the line), the rule's number and name and the key:
-`policy.toml: rule 3 (lte): server_leg.congestion: 'bbr2' is not available...`.
+`policy.toml:31: rule 3 (lte): server_leg.congestion: 'bbr2' is not available...`
+(31: the line of that rule's [[rule]]).
 With probe, what only the kernel can say is asked of it too: whether a
 congestion control is available, MPTCP enabled, and CAP_NET_ADMIN there for
 a mark or for spoofing the client's address.
@@ -66,18 +67,26 @@ def load(path: str, config, probe: bool = True) -> Policy:
         raise PolicyError(f"{path}: 'rule' must be a list of tables: write [[rule]]")
     default = recipes.from_config(config)
     rules, names = [], set()
+    # The line of each [[rule]], for the messages (tomllib gives no positions);
+    # only when they can be told apart from a [[rule]] inside a string.
+    lines = [i for i, line in enumerate(text.decode().splitlines(), 1)
+             if line.strip().startswith("[[rule]]")]
+    if len(lines) != len(entries):
+        lines = [None] * len(entries)
     for number, entry in enumerate(entries, 1):
-        rule = _rule(path, number, entry, default, probe)
+        rule = _rule(path, number, entry, default, probe, lines[number - 1])
         if rule.name in names or rule.name == "default":
-            raise PolicyError(f"{path}: rule {number}: name {rule.name!r} is already taken")
+            raise Where(path, number, None, lines[number - 1]).error(
+                "name", f"{rule.name!r} is already taken")
         names.add(rule.name)
         rules.append(rule)
     return Policy(os.path.abspath(path), rules, default, hashlib.sha256(text).hexdigest())
 
 
-def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool) -> Rule:
+def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool,
+          line: int | None) -> Rule:
     name = entry.get("name")
-    where = Where(path, number, name if isinstance(name, str) else None)
+    where = Where(path, number, name if isinstance(name, str) else None, line)
     for key in entry:
         if key not in RULE_KEYS:
             raise where.error(key, f"unknown key; a rule knows {', '.join(RULE_KEYS)}")

@@ -16,10 +16,12 @@ UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
 
 
 class Where:
-    """Says where an error is: file, rule number (and name), key."""
+    """Says where an error is: file, the line of the rule's [[rule]] (when
+    known), rule number (and name), key."""
 
-    def __init__(self, path: str, number: int, name: str | None):
-        self.prefix = f"{path}: rule {number}" + (f" ({name})" if name else "")
+    def __init__(self, path: str, number: int, name: str | None, line: int | None = None):
+        self.prefix = (f"{path}:{line}: " if line else f"{path}: ") + f"rule {number}" + \
+            (f" ({name})" if name else "")
 
     def error(self, key: str, message: str) -> PolicyError:
         return PolicyError(f"{self.prefix}: {key}: {message}")

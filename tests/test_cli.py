@@ -225,7 +225,7 @@ def test_a_bad_policy_stops_the_start_with_64_naming_file_rule_and_key(tmp_path,
     path.write_text("[[rule]]\nname = 'lte'\n[rule.server_leg]\ncongestion = 'nosuch'\n")
     assert cli.main(["-f", "--policy", str(path)]) == 64
     err = capsys.readouterr().err
-    assert f"{path}: rule 1 (lte): server_leg.congestion: " in err and "nosuch" in err
+    assert f"{path}:1: rule 1 (lte): server_leg.congestion: " in err and "nosuch" in err
     assert started == []
     assert cli.main(["-f", "--policy", "policy.toml"]) == 64  # relative: not after detaching
     assert "--policy: 'policy.toml' is not an absolute path" in capsys.readouterr().err

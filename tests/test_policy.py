@@ -199,14 +199,14 @@ def test_saved_syn_fields(version):
     ("[[rule]]\nname = 'a'\ndestinaton = '10.0.0.0/8'\n", "rule 1 (a): destinaton: unknown key"),
     ("[[rule]]\ndestination = '10.0.0.300/8'\n", "rule 1: destination: '10.0.0.300/8' is not"),
     ("[[rule]]\ndestination = '10.0.0.1/8'\n", "has host bits set"),
-    ("[[rule]]\n[[rule]]\nport = 70000\n", "rule 2: port: 70000"),
+    ("[[rule]]\n[[rule]]\nport = 70000\n", "policy.toml:2: rule 2: port: 70000"),
     ("[[rule]]\nport = '9-3'\n", "port: '9-3'"),
     ("[[rule]]\n[rule.server_leg]\ndscp = 64\n", "server_leg.dscp: 64"),
     ("[[rule]]\n[rule.client_leg]\nspeed = 1\n", "client_leg.speed: unknown key"),
     ("[[rule]]\n[rule.server_leg]\npacing_rate = 'fast'\n", "server_leg.pacing_rate"),
     ("[[rule]]\nsource = '[300.1.1.1]:[0]'\n", "rule 1: source:"),
     ("[[rule]]\nidle_timeout = 0\n", "idle_timeout: 0"),
-    ("[[rule]]\nname='x'\n[[rule]]\nname='x'\n", "rule 2: name 'x' is already taken"),
+    ("[[rule]]\nname='x'\n[[rule]]\nname='x'\n", ":3: rule 2: name: 'x' is already taken"),
     ("[[rule]]\nbypass = true\nport = 80\ndestination = '10.0.0.0/8'\n", "port: a bypass rule"),
     ("[[rule]]\nbypass = true\n", "bypass: give the destination"),
     ("[rules]\n", "unknown key 'rules'"),
@@ -215,7 +215,7 @@ def test_saved_syn_fields(version):
 def test_bad_input_names_file_rule_and_key(tmp_path, text, where):
     with pytest.raises(PolicyError) as caught:
         load(tmp_path, text)
-    assert str(caught.value).startswith(str(tmp_path / "policy.toml") + ": ")
+    assert str(caught.value).startswith(str(tmp_path / "policy.toml") + ":")
     assert where in str(caught.value)
     assert caught.value.status == 64
 
