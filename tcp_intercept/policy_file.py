@@ -74,7 +74,8 @@ def load(path: str, config, probe: bool = True) -> Policy:
     if len(lines) != len(entries):
         lines = [None] * len(entries)
     for number, entry in enumerate(entries, 1):
-        rule = _rule(path, number, entry, default, probe, lines[number - 1])
+        rule = _rule(path, number, entry, default, probe and _Probe(config.mptcp_listen),
+                     lines[number - 1])
         if rule.name in names or rule.name == "default":
             raise Where(path, number, None, lines[number - 1]).error(
                 "name", f"{rule.name!r} is already taken")
@@ -83,7 +84,15 @@ def load(path: str, config, probe: bool = True) -> Policy:
     return Policy(os.path.abspath(path), rules, default, hashlib.sha256(text).hexdigest())
 
 
-def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool,
+class _Probe:
+    """What the kernel is asked about a rule: whether the client leg may be
+    an MPTCP socket (--mptcp-listen)."""
+
+    def __init__(self, mptcp_listen: bool):
+        self.mptcp_listen = mptcp_listen
+
+
+def _rule(path: str, number: int, entry: dict, default: Recipe, probe: _Probe | bool,
           line: int | None) -> Rule:
     name = entry.get("name")
     where = Where(path, number, name if isinstance(name, str) else None, line)
@@ -115,7 +124,8 @@ def _rule(path: str, number: int, entry: dict, default: Recipe, probe: bool,
     return rule
 
 
-def _recipe(where: Where, name: str, entry: dict, default: Recipe, probe: bool) -> Recipe:
+def _recipe(where: Where, name: str, entry: dict, default: Recipe,
+            probe: _Probe | bool) -> Recipe:
     server = {(level, option): value for level, option, value in default.server_options}
     client: dict = {}
     both = _connection_options(where, entry)
@@ -134,7 +144,11 @@ def _recipe(where: Where, name: str, entry: dict, default: Recipe, probe: bool) 
     changes["client_options"] = tuple((lvl, opt, v) for (lvl, opt), v in client.items())
     made = replace(default, **changes)
     if probe:
-        _check_mptcp_user_timeout(where, made)
+        _check_mptcp_options(where, made, probe.mptcp_listen)
+        if probe.mptcp_listen and COPY in (made.server_dscp, made.client_dscp):
+            leg = "server_leg" if made.server_dscp == COPY else "client_leg"
+            raise where.error(f"{leg}.dscp", "\"copy\" reads the client's SYN, which an "
+                              "MPTCP listener (--mptcp-listen) does not keep (TCP_SAVE_SYN)")
         if needs_net_admin(made):
             _check_net_admin(where, made)
     return made
@@ -160,14 +174,18 @@ def _connection(where: Where, entry: dict, probe: bool) -> dict:
     return changes
 
 
-def _check_mptcp_user_timeout(where: Where, made: Recipe) -> None:
-    if made.server_proto != sockopts.IPPROTO_MPTCP:
-        return
-    for level, option, value in made.server_options:
-        if (level, option) == (socket.IPPROTO_TCP, sockopts.TCP_USER_TIMEOUT) and value and \
-                sockopts.mptcp_refuses(level, option, value):
-            raise where.error("user_timeout", "this kernel's Multipath TCP sockets refuse "
-                              "TCP_USER_TIMEOUT; use mptcp or user_timeout, not both")
+def _check_mptcp_options(where: Where, made: Recipe, mptcp_listen: bool) -> None:
+    """An option that this kernel's MPTCP sockets refuse (SO_MAX_PACING_RATE,
+    TCP_USER_TIMEOUT in 6.x) would fail every connection of the rule."""
+    for leg, options, mptcp in (
+            ("server_leg", made.server_options, made.server_proto == sockopts.IPPROTO_MPTCP),
+            ("client_leg", made.client_options, mptcp_listen)):
+        for level, option, value in options if mptcp else ():
+            if sockopts.mptcp_refuses(level, option, value):
+                key = _KEYS.get((level, option), "?")
+                key = key if key in ("keepalive", "user_timeout") else f"{leg}.{key}"
+                raise where.error(key, "this kernel's Multipath TCP sockets refuse it; "
+                                  f"use mptcp = false in this rule or leave {key} out")
 
 
 def _connection_options(where: Where, entry: dict) -> dict:
@@ -236,6 +254,15 @@ LEG_OPTIONS = {
     "pacing_rate": ((socket.SOL_SOCKET, SO_MAX_PACING_RATE),
                     lambda where, name, value, probe: read_rate(where, name, value)),
 }
+
+
+# The key of the file that sets each option, for the messages.
+_KEYS = {option: key for key, (option, _) in LEG_OPTIONS.items()} | {
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE): "keepalive",
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE): "keepalive",
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL): "keepalive",
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT): "keepalive",
+    (socket.IPPROTO_TCP, sockopts.TCP_USER_TIMEOUT): "user_timeout"}
 
 
 def _source(where: Where, value) -> dict:

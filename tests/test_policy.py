@@ -283,3 +283,21 @@ def test_reload_keeps_the_old_policy_on_a_bad_file_or_a_first_per_client_limit(t
     assert "Rule: 1 lan destination=192.168.1.0/24,fd00:1::/64 matched=2" in keeper.lines()
     assert keeper.totals() == {"lan": 2, "web-lte": 0, "default": 0}
     loop.destroy()
+
+
+def test_probe_refuses_what_mptcp_sockets_refuse(tmp_path):
+    """Linux's MPTCP sockets refuse SO_MAX_PACING_RATE (6.x): a rule asking
+    for both would fail every one of its connections, so it fails to load."""
+    with pytest.raises(PolicyError) as caught:
+        load(tmp_path, "[[rule]]\nname = 'x'\nmptcp = true\n[rule.server_leg]\n"
+                       "pacing_rate = '10mbit'\n", probe=True)
+    assert ("rule 1 (x): server_leg.pacing_rate: this kernel's Multipath TCP sockets refuse it"
+            in str(caught.value)) or "mptcp: Multipath TCP is not available" in str(caught.value)
+
+
+def test_dscp_copy_needs_a_listener_that_keeps_the_syn(tmp_path):
+    path = write(tmp_path, "[[rule]]\n[rule.server_leg]\ndscp = 'copy'\n")
+    with pytest.raises(PolicyError, match=r"rule 1: server_leg.dscp: \"copy\" reads the "
+                                          r"client's SYN, which an MPTCP listener"):
+        policy_file.load(path, Config(mptcp_listen=True))
+    assert policy_file.load(path, Config()).needs_syn
