@@ -210,7 +210,11 @@ class Listener:
 
     def save_syn(self, on: bool) -> None:
         """Whether the kernel keeps each client's SYN for us (TCP_SAVE_SYN):
-        a policy reads it for DSCP copy and the client's MPTCP."""
+        a policy reads it for DSCP copy and the client's MPTCP. An MPTCP
+        listener refuses it: there the accepted socket tells MPTCP, and a
+        policy with DSCP copy does not load (policy_file.py)."""
+        if self.sock.proto == IPPROTO_MPTCP:
+            return
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, int(on))
         except OSError as err:

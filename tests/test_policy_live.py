@@ -509,3 +509,31 @@ def test_reloads_under_traffic_cut_nothing(topo, peers, far_peers, start_daemon,
         thread.join(timeout=60)
     assert results == [True] * 8
     assert daemon.lines_by_now("Error") == [] and daemon.lines_by_now("reset") == []
+
+
+def test_client_mptcp_on_an_mptcp_listener(topo, peers, far_peers, start_daemon, tmp_path):
+    policy = write_policy(tmp_path / "p.toml", """
+        [[rule]]
+        name = "mp"
+        client_mptcp = true
+        [rule.server_leg]
+        congestion = "reno"
+        """, topo)
+    daemon = start_daemon("-C", "cubic", "--mptcp-listen", "--policy", policy, log_file=True)
+    for proto, expected in ((socket.IPPROTO_TCP, "cubic"), (IPPROTO_MPTCP, "reno")):
+        with inside(topo.cli):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+        with sock:
+            sock.settimeout(10)
+            sock.connect((topo.SERVER4, ECHO))
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+            borrowed = daemon.borrow_sockets()
+            try:
+                [outgoing] = [s for s in borrowed
+                              if _plain(_peer(s)) == (topo.SERVER4, ECHO)]
+                assert congestion(outgoing) == expected
+            finally:
+                for s in borrowed:
+                    s.close()
+    assert daemon.lines_by_now("TCP_SAVE_SYN") == []
