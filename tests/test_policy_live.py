@@ -537,3 +537,18 @@ def test_client_mptcp_on_an_mptcp_listener(topo, peers, far_peers, start_daemon,
                 for s in borrowed:
                     s.close()
     assert daemon.lines_by_now("TCP_SAVE_SYN") == []
+
+
+def test_as_nobody_a_policy_with_marks_keeps_cap_net_admin(topo, peers, far_peers,
+                                                           start_daemon, readable_dir):
+    policy = readable_dir / "p.toml"
+    write_policy(policy, '[[rule]]\nname = "far"\ndestination = "{far}/32"\n'
+                 '[rule.server_leg]\nmark = 0x42\n', topo)
+    policy.chmod(0o644)
+    daemon = start_daemon("-u", "nobody", "--policy", str(policy), control=True,
+                          log_file=readable_dir / "d.log", listen=f"[::]:[{topo.port}]")
+    daemon.wait_log("Running as user nobody (uid 65534), group nogroup (gid 65534); "
+                    "capabilities kept: CAP_NET_ADMIN")
+    with held(topo, daemon, topo.FAR4) as (_, _, outgoing):
+        assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x42
+    assert "in force in every worker" in daemon.ask("reload")  # as nobody, still allowed
