@@ -21,12 +21,11 @@ from collections import Counter
 
 from loguru import logger as log
 
-from . import recipe, report
+from . import policy_file, recipe, report
 from .channel import Channel, Word, count_line, parse_count
-from . import policy_file
 from .config import Config
-from .errors import PolicyError
 from .connection import Context
+from .errors import PolicyError
 from .evloop import Loop
 from .limits import Limits
 from .limits import share as limits_share
@@ -150,7 +149,7 @@ class Worker:
         """policy for the connections accepted from now on; those open keep theirs."""
         self.ctx.policy = policy
         self.deadlines.expect(policy.recipes())
-        if any(recipe.connect_timeout for recipe in policy.recipes()):
+        if any(made.connect_timeout for made in policy.recipes()):
             self.ctx.on_connecting = self.deadlines.connect_started
         if self.listener is not None:
             self.listener.save_syn(policy.needs_syn)
