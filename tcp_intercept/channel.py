@@ -5,6 +5,9 @@
                                 killed and replaced)
                        "conns"  answer with one line per connection, oldest
                                 first, then an empty line
+                       "conns full"  the same with both legs' TCP_INFO
+                       "conn SELECTOR"  one JSON line on that connection
+                                (if it is here), then an empty line
                        "drain"  stop accepting; exit once the last
                                 connection is gone (or --drain-timeout)
                        "held ADDRESS N", "closed ADDRESS N"
@@ -56,7 +59,8 @@ class Word(enum.StrEnum):
     PONG = "pong"
     FULL = "full"
     ROOM = "room"
-    CONNS = "conns"
+    CONNS = "conns"     # "conns" or "conns full"
+    CONN = "conn"       # "conn SELECTOR"
     DRAIN = "drain"
     HELD = "held"
     CLOSED = "closed"

@@ -115,6 +115,13 @@ TEXT = _value(lambda option, text: text)
 SECONDS = _value(_seconds)
 COUNT = _value(_count)
 CONGESTION = _value(lambda option, text: sockopts.check_congestion(text))
+LOG_FORMATS = ("original", "summary", "json")
+
+
+def _log_format(option: str, text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise UsageError(f"{option}: {text!r} is not one of {', '.join(LOG_FORMATS)}")
+    return text
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,16 @@ class Config:
     quiet: bool = _opt(False, Option(
         ("-q", "--quiet"), "Log no per-connection lines (nor a peer's reset or refusal): "
         "only start-up, shutdown, warnings and the daemon's own errors"))
+    log_format: str = _opt("original", Option(
+        ("--log-format",), "Per-connection lines: original (the six lines of the original, "
+        "the default), summary (one line per connection at close: addresses, duration, "
+        "connect time, bytes, termination code, each leg's RTT and retransmits) or json (the "
+        "same, a JSON object per line); summary and json read TCP_INFO at close as "
+        "--leg-stats does", "format", _value(_log_format)))
+    leg_stats: bool = _opt(False, Option(
+        ("--leg-stats",), "Read both legs' TCP_INFO when a connection closes, for the "
+        "metrics' histograms (duration, connect time, each leg's RTT) and retransmit "
+        "counters; off by default: it costs two system calls per connection"))
     congestion: str | None = _opt(None, Option(
         ("--congestion", "-C"), "Congestion control of the outgoing (router to server) "
         "sockets", "algo", CONGESTION))

@@ -16,7 +16,9 @@ Life of a connection:
               peer gets a reset too, not a FIN that would pass lost bytes off
               as a clean end.
 Every connection counts once as accepted and once as closed (how: clean,
-reset, idle timeout); a failed connect also counts why.
+reset, idle timeout); a failed connect also counts why. The first thing
+that ended it is kept as a termination code (`end_code()`, summary.py
+lists them) for the close summary and `show conn`.
 """
 
 from __future__ import annotations
@@ -69,11 +71,15 @@ class Context:
     on_close: Callable[[Connection], None] | None = None
     # The spare descriptor for when they run out (descriptors.py).
     reserve: Reserve = field(default_factory=Reserve)
+    # Told of every connection about to close, its sockets still open
+    # (summary.Closing: --leg-stats, --log-format summary|json); None by default.
+    on_end: Callable[[Connection, float], None] | None = None
 
 
 class Connection:
     __slots__ = ("ctx", "recipe", "client", "server", "peer", "dst", "c2s", "s2c", "cw", "sw",
-                 "cmask", "smask", "key", "closed", "_id", "started", "active")
+                 "cmask", "smask", "key", "closed", "_id", "started", "active", "connected",
+                 "ended")
 
     def __init__(self, ctx: Context, client: socket.socket, peer: tuple, dst: tuple,
                  recipe: Recipe | None = None, syn_dscp: int | None = None):
@@ -89,7 +95,8 @@ class Connection:
         self.cmask = self.smask = 0
         self.closed = False
         self._id = None
-        self.started = self.active = ctx.loop.now()
+        self.started = self.active = self.connected = ctx.loop.now()
+        self.ended = None  # who and how, when it ends (end_code())
         self.key = ctx.table.add(self)
         ctx.ctr[counters.ACCEPTED] += 1  # count
         if ctx.log is not None:
@@ -146,6 +153,7 @@ class Connection:
         self.sw.stop()  # re-armed by _update, with the relaying callback
         self.smask = 0
         self.active = self.ctx.loop.now()  # count
+        self.connected = self.active
         try:
             error = events != WRITE and self.server.getsockopt(socket.SOL_SOCKET,
                                                                socket.SO_ERROR)
@@ -172,14 +180,20 @@ class Connection:
         self.active = self.ctx.loop.now()  # count
         relay = inbound
         try:
-            if events & READ and inbound.on_readable() and self.ctx.log is not None:
-                self.ctx.log.info(f"{self.id} {inbound.name}: EOF")
+            if events & READ and inbound.on_readable():
+                self._eof(inbound)
             if events & WRITE:
                 relay = outbound
                 outbound.on_writable()
             self._update()
         except Exception as err:
-            self._fail(relay, err)
+            self._fail(relay, err, "C" if inbound is self.c2s else "S")
+
+    def _eof(self, relay: Relay) -> None:
+        if self.ended is None:  # the first FIN: a clean end begins
+            self.ended = "CFD" if relay is self.c2s else "SFD"
+        if self.ctx.log is not None:
+            self.ctx.log.info(f"{self.id} {relay.name}: EOF")
 
     def _update(self) -> None:
         """The one place that decides what each socket waits for."""
@@ -204,6 +218,7 @@ class Connection:
 
     def _connect_failed(self, code: int | None, why) -> None:
         self.ctx.ctr[CONNECT_FAILURE.get(code, counters.CONNECT_OTHER)] += 1  # count
+        self._ended("P" if why == "timed out" else "S", "T" if code == errno.ETIMEDOUT else "R")
         if self.ctx.log is not None:
             self.ctx.log.warning(f"{self.id}: connect to server failed: {why}")
         self.abort()
@@ -217,17 +232,36 @@ class Connection:
         """--idle-timeout: nothing moved either way for that long."""
         if self.ctx.log is not None:
             self.ctx.log.warning(f"{self.id}: idle for {seconds:g} s, resetting")
+        self._ended("P", "T")
         self.abort(counters.CLOSED_IDLE_TIMEOUT)
 
-    def _fail(self, relay: Relay | None, err: Exception) -> None:
+    def _fail(self, relay: Relay | None, err: Exception, side: str = "P") -> None:
         """What a peer did (a reset, a vanished peer) is a per-connection line,
         silenced by -q like the others; a bug in here is always logged."""
         where = f"{self.id} {relay.name}" if relay is not None else self.id
+        self._ended(side if isinstance(err, OSError) else "P",
+                    "R" if isinstance(err, OSError) else "E")
         if not isinstance(err, OSError):
             logger.opt(exception=err).error("{}: internal error, closing", where)
         elif self.ctx.log is not None:
             self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
         self.abort()
+
+    def _ended(self, who: str, how: str) -> None:
+        """A reset, an error or a timeout: it outranks a FIN seen before."""
+        if self.ended is None or self.ended[1] == "F":
+            self.ended = who + how + self.phase()
+
+    def phase(self) -> str:
+        """C connecting, D relaying both ways, H half-closed."""
+        if self.c2s is None:
+            return "C"
+        return "H" if self.c2s.done or self.s2c.done or self.ended is not None else "D"
+
+    def end_code(self) -> str:
+        """The termination code (summary.TERMINATION_CODES); closed by the
+        daemon itself when nothing else ended it."""
+        return self.ended or "PK" + self.phase()
 
     def abort(self, how: int = counters.CLOSED_RESET) -> None:
         """Close with a reset on both sides (SO_LINGER 0)."""
@@ -244,6 +278,9 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        ctx = self.ctx
+        if ctx.on_end is not None:
+            ctx.on_end(self, ctx.loop.now())
         for watcher in (self.cw, self.sw):
             if watcher is not None:
                 self.ctx.loop.park(watcher)
@@ -254,7 +291,6 @@ class Connection:
         self.client.close()
         if self.server is not None:
             self.server.close()
-        ctx = self.ctx
         ctx.ctr[how] += 1  # count
         ctx.table.remove(self.key)
         if ctx.on_close is not None:

@@ -4,6 +4,9 @@ socket for tcp-intercept. One command per connection, answered, then closed:
     show info      version, pid, uptime, options, counters, descriptors, memory
     show conns     every connection of every worker, oldest first, after a
                    header line
+    show conns full  the same, with an id and both legs' TCP_INFO
+    show conn ID|ADDR  one connection: everything known, both legs' TCP_INFO,
+                   throughput each way from two readings 1 s apart
     show metrics   the Prometheus text exposition (as GET /metrics)
     show policy    the policy in force: its file, load time, rules and what
                    each matched
@@ -33,6 +36,9 @@ MAX_COMMAND = 1024
 HELP = """\
 show info      version, pid, uptime, options, counters, descriptors, memory
 show conns     every connection, oldest first, after a header line
+show conns full  the same with both legs' TCP state (TCP_INFO) and an id
+show conn ID|ADDR  one connection (id from show conns full, or the client's
+               [ip]:port): both legs' TCP_INFO, throughput over 1 s
 show metrics   the Prometheus text exposition
 show policy    the policy in force, where it came from, what each rule matched
 reload         re-read the policy file (--policy); ERROR and why if it is bad
@@ -111,8 +117,10 @@ class Control:
         command = " ".join(request.decode(errors="replace").split())
         if command == "show info":
             respond(_text(self.status.info_lines()))
-        elif command == "show conns":
-            self.status.conns(lambda lines: respond(_text(lines)))
+        elif command in ("show conns", "show conns full"):
+            self.status.conns(lambda lines: respond(_text(lines)), full=command.endswith("full"))
+        elif command == "show conn" or command.startswith("show conn "):
+            self.status.conn(command[len("show conn "):], lambda lines: respond(_text(lines)))
         elif command == "show metrics":
             from .metrics import exposition  # imported at start-up (startup.py)
             respond(exposition(self.status))

@@ -52,6 +52,9 @@ FAMILIES = {
                             "stopped listening (--when-full bypass); while every worker "
                             "has, new connections pass the proxy unseen", None),
     "pipes": ("gauge", "Kernel pipes of the pipe pools, lent to a relay or free", "state"),
+    "retransmits": ("counter", "Segments retransmitted, by leg (client: client to router), "
+                    "read from TCP_INFO at each close with --leg-stats or --log-format "
+                    "summary|json", "leg"),
 }
 FIELDS: list[Field] = []
 
@@ -85,6 +88,8 @@ PID = _declare(None)  # the slot's owner
 IN_USE = _declare(None)
 FULL_RESET = _declare("Full_reset", "connections_full_reset")
 FULL_BYPASS_PERIODS = _declare("Full_bypass_periods", "full_bypass_periods")
+RETRANS_CLIENT = _declare("Retransmits_client", "retransmits", "client")
+RETRANS_SERVER = _declare("Retransmits_server", "retransmits", "server")
 
 # The fields that add up over time (the others are gauges: the state now).
 COUNTERS = tuple(index for index, field in enumerate(FIELDS)
@@ -99,32 +104,36 @@ def open_connections(counts) -> int:
 
 
 class Board:
-    """`slots` slots of counters in shared memory; slot 0 is the master's."""
+    """`slots` slots of counters in shared memory; slot 0 is the master's.
+    `words` a slot: SLOT_WORDS for the counters, histograms.WORDS for the
+    histograms' board (its own memfd, so the counters' layout stays)."""
 
-    def __init__(self, slots: int = 0, fd: int | None = None):
+    def __init__(self, slots: int = 0, fd: int | None = None, words: int = SLOT_WORDS,
+                 name: str = "tcp-intercept-counters"):
         """A new board of `slots` slots, or the one in memfd `fd` (an upgrade)."""
-        size = slots * SLOT_WORDS * WORD
+        size = slots * words * WORD
         if fd is None:
-            fd = os.memfd_create("tcp-intercept-counters", os.MFD_CLOEXEC)
+            fd = os.memfd_create(name, os.MFD_CLOEXEC)
             os.ftruncate(fd, size)
         else:
             size = os.fstat(fd).st_size
         self.fd = fd
+        self.words = words
         self._map = mmap.mmap(fd, size)
         self._words = memoryview(self._map).cast("Q")
-        self.slots = size // (SLOT_WORDS * WORD)
+        self.slots = size // (words * WORD)
 
     def slot(self, index: int) -> memoryview:
         """Slot index, as a writable sequence of words (the FIELDS indices)."""
-        start = index * SLOT_WORDS
-        return self._words[start:start + SLOT_WORDS]
+        start = index * self.words
+        return self._words[start:start + self.words]
 
     def claim(self, pid: int = 0) -> int:
         """A free worker slot, zeroed; IndexError when there is none."""
         for index in range(1, self.slots):
             slot = self.slot(index)
             if not slot[IN_USE]:
-                for i in range(SLOT_WORDS):
+                for i in range(self.words):
                     slot[i] = 0
                 slot[IN_USE], slot[PID] = 1, pid
                 return index
@@ -139,6 +148,21 @@ class Board:
         master[CLOSED_RESET] += open_connections(slot)
         for i in range(SLOT_WORDS):
             slot[i] = 0
+
+    def fold(self, index: int) -> None:
+        """retire() for a board whose every word adds up (the histograms')."""
+        slot, master = self.slot(index), self.slot(0)
+        for i in range(self.words):
+            master[i] += slot[i]
+            slot[i] = 0
+
+    def sums(self, indices) -> list[int]:
+        """Each word of slot 0 summed with the same word of the slots indices."""
+        total = list(self.slot(0))
+        for index in indices:
+            for i, value in enumerate(self.slot(index)):
+                total[i] += value
+        return total
 
     def in_use(self) -> list[int]:
         return [i for i in range(1, self.slots) if self.slot(i)[IN_USE]]

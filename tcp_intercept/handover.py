@@ -25,7 +25,8 @@ The promise, in order:
 Handed over: every listening socket (one per worker, one SO_REUSEPORT
 group: kept open the whole time, so no connection waiting in a queue is
 dropped), the control socket and its file's identity, the metrics socket,
-the counters' memfd, each old worker's pid, number and channel, the
+the counters' and the histograms' memfds, each old worker's pid, number
+and channel, the
 daemon's start time and the old version. Everything else is closed by the
 exec (every other descriptor is close-on-exec).
 """
@@ -63,6 +64,7 @@ class Handover:
     started: float
     listeners: list[int]
     board: int
+    histograms: int | None = None  # none from a program older than them
     control: int | None = None
     control_path: str | None = None
     control_file: list[int] | None = None
@@ -71,7 +73,8 @@ class Handover:
 
     def descriptors(self) -> list[int]:
         fds = [*self.listeners, self.board, *(w.channel for w in self.workers)]
-        return fds + [fd for fd in (self.control, self.metrics) if fd is not None]
+        return fds + [fd for fd in (self.histograms, self.control, self.metrics)
+                      if fd is not None]
 
 
 def program(argv: list[str] | None = None) -> list[str]:

@@ -161,6 +161,11 @@ class Log:
     warning = _adder("WARNING")
     error = _adder("ERROR")
 
+    def raw(self, text: str) -> None:
+        """A line as it is, without the time and level (--log-format json: a
+        JSON object per line, which carries its own time)."""
+        self._added(text + "\n")
+
     def _added(self, line: str) -> None:
         self._lines.append(line)
         self._size += len(line)
@@ -356,6 +361,8 @@ def _stamp(level: str, text: str) -> str:
 
 def _parse(line: str) -> tuple[str, str]:
     """(level, text) of a formatted line, for syslog, which adds its own time."""
+    if line.startswith("{"):  # Log.raw()'s JSON
+        return "INFO", line.rstrip("\n")
     head, _, text = line.partition(": ")
     return head.rsplit(" ", 1)[-1], text.rstrip("\n")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from loguru import logger as log
 
-from . import __version__, handover
+from . import histograms, __version__, handover
 from .channel import Channel, State, Word, count_line, parse_count
 from .config import Config
 from .control import Control, remove_control_socket
@@ -109,6 +109,11 @@ class Master:
         self.listeners = sockets.listeners
         self.logs = logs
         self.board = board
+        # The histograms' board: a memfd of its own, slot for slot with the
+        # counters' (none handed over by a program older than it: a new one).
+        fd = taken.histograms if taken is not None else None
+        self.histograms = Board(slots=board.slots, fd=fd, words=histograms.WORDS,
+                                name="tcp-intercept-histograms")
         self.command = command  # to exec for an upgrade
         self.taken = taken      # what an upgrade handed us
         self.started = taken.started if taken else time.time()
@@ -117,7 +122,7 @@ class Master:
         self.workers: dict[int, WorkerHandle] = {}
         self.policy_keeper = PolicyKeeper(config, policy, self.loop, self._tell_policy)
         self.status = Status(config, board, self.loop, self.workers, self.started,
-                             self.policy_keeper)
+                             self.policy_keeper, self.histograms)
         self.control = None if sockets.control is None else \
             Control(self.loop, sockets.control, self.status, self.policy_keeper.reload)
         self.metrics_endpoint = None
@@ -177,6 +182,7 @@ class Master:
         except OSError as err:
             gc.unfreeze()
             self.board.retire(slot)
+            self.histograms.fold(slot)
             ours.close()
             theirs.close()
             log.error("Can not start worker {}: fork(): {}", number, err.strerror)
@@ -222,7 +228,7 @@ class Master:
             _close_all_but(keep)
             self.logs.detach()
             worker = Worker(self.config, number, listener, channel, self.board.slot(slot),
-                            self.logs, self.policy_keeper.policy)
+                            self.logs, self.policy_keeper.policy, self.histograms.slot(slot))
             return worker.run()
         except BaseException:
             log.opt(exception=True).error("Worker {} failed", number)
@@ -313,6 +319,7 @@ class Master:
             self._to_successor(handle.number, *(count_line(Word.CLOSED, address, count)
                                                 for address, count in handle.held.items()))
         self.board.retire(handle.slot)
+        self.histograms.fold(handle.slot)
         for callback in handle.conns_waiting:
             callback(handle.conns_lines)
         how = _describe(status)
@@ -389,6 +396,7 @@ class Master:
         return handover.Handover(
             version=__version__, started=self.started,
             listeners=[sock.fileno() for sock in sockets.listeners], board=self.board.fd,
+            histograms=self.histograms.fd,
             control=sockets.control.fileno() if sockets.control else None,
             control_path=sockets.control_path,
             control_file=list(sockets.control_file) if sockets.control_file else None,

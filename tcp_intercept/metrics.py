@@ -20,9 +20,10 @@ import socket
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 
-from . import __version__
+from . import __version__, histograms
 from . import counters as c
 from .address import Address
 from .errors import StartupError
@@ -45,6 +46,9 @@ class DaemonCollector:
         yield _gauge("tcp_intercept_connections", "Connections open now",
                      c.open_connections(totals))
         yield from _families(totals)
+        words = self.source.histogram_words()
+        if words is not None:
+            yield from _histograms(words)
         yield _gauge("tcp_intercept_workers", "Worker processes serving",
                      self.source.workers_serving())
         info = GaugeMetricFamily("tcp_intercept_build_info", "The running version",
@@ -81,6 +85,20 @@ def _families(totals: list[int]):
         for index, field in fields:
             family.add_metric([field.label], totals[index])
         yield family
+
+
+def _histograms(words: list[int]):
+    """histograms.HISTOGRAMS, those of one family under one name."""
+    families: dict[str, HistogramMetricFamily] = {}
+    for histogram in histograms.HISTOGRAMS:
+        buckets, total = histograms.read(words, histogram)
+        family = families.get(histogram.family)
+        if family is None:
+            family = families[histogram.family] = HistogramMetricFamily(
+                f"tcp_intercept_{histogram.family}", histogram.help,
+                labels=[histogram.label[0]] if histogram.label else None)
+        family.add_metric([histogram.label[1]] if histogram.label else [], buckets, total)
+    yield from families.values()
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 
 from . import counters as c
+from . import tcpinfo
 
 CONNS_HEADER = ("# worker client destination source state age_s idle_s "
                 "bytes_c2s bytes_s2c pipe")
@@ -29,10 +30,62 @@ def encode(pid: int, snapshot: tuple) -> str:
             f"\t{c2s}\t{s2c}\t{pipe}")
 
 
-def conns_table(lines: list[str]) -> list[str]:
+def conns_table(lines: list[str], full: bool = False) -> list[str]:
     """The workers' lines as the table: a header, then oldest first."""
     rows = sorted((line.split("\t") for line in lines), key=lambda row: float(row[0]))
-    return [CONNS_HEADER, *(" ".join(row[1:]) for row in rows)]
+    return [CONNS_FULL_HEADER if full else CONNS_HEADER, *(" ".join(row[1:]) for row in rows)]
+
+
+# show conns full: show conns' columns, the connection's id (for show conn),
+# then each leg's (c_: client to router, s_: router to server).
+LEG_COLUMNS = ("cc", "rtt_ms", "rttvar_ms", "min_rtt_ms", "cwnd", "retrans", "lost",
+               "delivery_Bps", "unacked", "notsent", "subflows")
+CONNS_FULL_HEADER = " ".join([CONNS_HEADER, "id", *(f"c_{c}" for c in LEG_COLUMNS),
+                              *(f"s_{c}" for c in LEG_COLUMNS)])
+
+
+def _leg_cells(leg: tcpinfo.Leg | None) -> str:
+    if leg is None:
+        return "\t".join("-" * len(LEG_COLUMNS))
+    ms = tcpinfo.ms
+    return (f"{leg.congestion or '-'}\t{ms(leg.rtt_us)}\t{ms(leg.rttvar_us)}"
+            f"\t{ms(leg.min_rtt_us)}\t{leg.cwnd}\t{leg.retrans}\t{leg.lost}"
+            f"\t{leg.delivery_rate}\t{leg.unacked}\t{leg.notsent}\t{leg.subflows}")
+
+
+def encode_full(pid: int, key: int, snapshot: tuple, client: tcpinfo.Leg | None,
+                server: tcpinfo.Leg | None) -> str:
+    """A worker's line for one connection in show conns full."""
+    return (f"{encode(pid, snapshot)}\t{pid}.{key}\t{_leg_cells(client)}"
+            f"\t{_leg_cells(server)}")
+
+
+def conn_lines(first: dict, second: dict | None) -> list[str]:
+    """show conn: one connection (the workers' "conn" answers, listing.py)
+    read twice; the second reading (None if it closed in between) gives
+    the throughput each way over the time between them."""
+    now = second or first
+    (_, client, dst, src, state, age, idle, c2s, s2c, pipe) = now["snapshot"]
+    pid = now["id"].split(".")[0]
+    lines = [f"Id: {now['id']}", f"Worker: {pid}", f"Client: {client}",
+             f"Destination: {dst}", f"Source: {src}",
+             f"State: {state if second else 'closed (while measuring)'}",
+             # The policy's rule that chose this connection's recipe (issue 16),
+             # once connections carry one.
+             f"Rule: {now.get('rule') or '-'}",
+             f"End: {now.get('end') or '-'}",
+             f"Age_s: {age:.1f}", f"Idle_s: {idle:.1f}", f"Pipe: {pipe}",
+             f"Bytes_c2s: {c2s}", f"Bytes_s2c: {s2c}"]
+    if second:
+        seconds = max(second["time"] - first["time"], 1e-3)
+        lines += [f"Throughput_c2s_Bps: {(c2s - first['snapshot'][7]) / seconds:.0f}",
+                  f"Throughput_s2c_Bps: {(s2c - first['snapshot'][8]) / seconds:.0f}",
+                  f"Measured_over_s: {seconds:.2f}"]
+    for name in ("client", "server"):
+        leg = now[f"{name}_leg"]
+        lines.append(f"{name.capitalize()}_leg: "
+                     f"{tcpinfo.describe(tcpinfo.Leg(**leg)) if leg else '-'}")
+    return lines
 
 
 @dataclass

@@ -128,6 +128,7 @@ def _serve(master: Master, ready, pidfile) -> int:
     log.info("Exiting cleanly...")
     master.sockets.close()
     master.board.close()
+    master.histograms.close()
     if pidfile is not None and pidfile.is_locked() and pidfile.i_am_locking():
         try:
             pidfile.release()

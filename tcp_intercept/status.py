@@ -6,6 +6,7 @@ worker over its channel (channel.py); the text is report.py's.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from .evloop import Loop
 from .policy_keeper import PolicyKeeper
 
 ANSWER_TIMEOUT = 5.0   # seconds a worker gets to list its connections
+CONN_INTERVAL = 1.0    # seconds between show conn's two readings
 
 
 class Status:
@@ -26,16 +28,26 @@ class Status:
     pid, slot, state, channel, conns_waiting)."""
 
     def __init__(self, config: Config, board: Board, loop: Loop, workers: Mapping,
-                 started: float, policy: PolicyKeeper | None = None):
+                 started: float, policy: PolicyKeeper | None = None,
+                 histograms: Board | None = None):
         self.config = config
         self.policy = policy
         self.board = board
+        self.histograms = histograms
         self.loop = loop
         self.workers = workers
         self.started = started
 
     def totals(self) -> list[int]:
         return self.board.totals()
+
+    def histogram_words(self) -> list[int] | None:
+        """The histograms' words summed over the workers (histograms.py);
+        None when no option fills them."""
+        if self.histograms is None or not (self.config.leg_stats
+                                           or self.config.log_format != "original"):
+            return None
+        return self.histograms.sums(self.board.in_use())
 
     def pids(self) -> list[int]:
         return [os.getpid(), *sorted(self.workers)]
@@ -65,10 +77,45 @@ class Status:
         """--when-full: what a worker at its share of --max-connections does."""
         return self.config.when_full
 
-    def conns(self, done: Callable[[list[str]], None]) -> None:
-        """done(the show conns table) once every worker has listed its
-        connections, or ANSWER_TIMEOUT has passed (then a comment line names
-        the workers that did not answer)."""
+    def conns(self, done: Callable[[list[str]], None], full: bool = False) -> None:
+        """done(the show conns table, or show conns full's) once every worker
+        has listed its connections, or ANSWER_TIMEOUT has passed (then a
+        comment line names the workers that did not answer)."""
+        def finish(lines: list[str], silent: list[int]) -> None:
+            table = report.conns_table(lines, full)
+            done(table + [f"# worker {pid} did not answer" for pid in silent])
+
+        self._ask(f"{Word.CONNS} full" if full else Word.CONNS, finish)
+
+    def conn(self, selector: str, done: Callable[[list[str]], None]) -> None:
+        """done(show conn's lines): the connection selector names (listing.py)
+        read from its worker twice, CONN_INTERVAL apart on a timer, for the
+        throughput; "ERROR: ..." when no worker has it."""
+        if not selector or len(selector.split()) != 1:
+            done(["ERROR: show conn ID|ADDR: give one id (from show conns full) "
+                  "or one client address [ip]:port"])
+            return
+
+        def first(lines: list[str], silent: list[int]) -> None:
+            if not lines:
+                done([f"ERROR: no connection {selector}"
+                      + (f" (worker {silent} did not answer)" if silent else "")])
+                return
+            before = json.loads(lines[0])
+            timer = self.loop.timer(CONN_INTERVAL)
+
+            def again() -> None:
+                timer.close()
+                self._ask(f"{Word.CONN} {before['id']}", lambda lines, _: done(
+                    report.conn_lines(before, json.loads(lines[0]) if lines else None)))
+
+            timer.start(again)
+
+        self._ask(f"{Word.CONN} {selector}", first)
+
+    def _ask(self, question: str, done: Callable[[list[str], list[int]], None]) -> None:
+        """Ask every worker; done(their answers' lines, the pids that did not
+        answer within ANSWER_TIMEOUT)."""
         asked: list = [h for h in self.workers.values() if not h.channel.closed]
         lines: list[str] = []
         waiting = {h.pid for h in asked}
@@ -77,10 +124,9 @@ class Status:
         def finish() -> None:
             timer.stop()
             timer.close()
-            table = report.conns_table(lines)
-            table += [f"# worker {pid} did not answer" for pid in sorted(waiting)]
+            silent = sorted(waiting)
             waiting.clear()
-            done(table)
+            done(lines, silent)
 
         def answered(pid: int, answer: list[str]) -> None:
             if pid in waiting:
@@ -91,7 +137,7 @@ class Status:
 
         for handle in asked:
             handle.conns_waiting.append(lambda answer, pid=handle.pid: answered(pid, answer))
-            handle.channel.send(Word.CONNS)
+            handle.channel.send(question)
         if not asked:
             finish()
         else:

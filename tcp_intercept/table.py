@@ -30,6 +30,10 @@ class ConnectionTable:
         if self.on_empty is not None and not self._live:
             self.on_empty()
 
+    def get(self, key: int):
+        """The connection of that key, or None."""
+        return self._live.get(key)
+
     def __len__(self) -> int:
         return len(self._live)
 

@@ -14,14 +14,13 @@ Life of a worker:
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 from collections import Counter
 
 from loguru import logger as log
 
-from . import policy_file, recipe, report
+from . import policy_file, recipe
 from .channel import Channel, Word, count_line, parse_count
 from .config import Config
 from .connection import Context
@@ -30,23 +29,22 @@ from .evloop import Loop
 from .limits import Limits
 from .limits import share as limits_share
 from .listener import Listener
+from .listing import Listing
 from .logs import Log
 from .pipes import PipePool
 from .policy import Policy, counts_clients
+from .summary import Closing
 from .table import ConnectionTable
 from .timeouts import Deadlines
 
 PIPE_TRIM_INTERVAL = 1.0  # seconds; idle pipes go after one to two of these
-# Connections listed per loop iteration for "conns": at about 3.7 us each,
-# relaying pauses under a millisecond however long the table is.
-CONNS_SLICE = 200
 MATCH_REPORT = 1.0  # seconds between two reports of the policy's matches
 
 
 class Worker:
     def __init__(self, config: Config, number: int, listener_sock: socket.socket,
                  channel_sock: socket.socket, ctr: memoryview, logs: Log,
-                 policy: Policy | None = None):
+                 policy: Policy | None = None, histogram_slot: memoryview | None = None):
         self.config = config
         self.number = number
         self.logs = logs
@@ -54,10 +52,13 @@ class Worker:
         self.pool = PipePool(ctr)
         self.table = ConnectionTable()
         self.deadlines = Deadlines(self.loop, self.table)
+        log = None if config.quiet else logs
         self.ctx = Context(loop=self.loop, pool=self.pool, table=self.table, ctr=ctr,
-                           log=None if config.quiet else logs,
+                           log=log if config.log_format == "original" else None,
                            recipe=recipe.from_config(config))
         self.deadlines.expect([self.ctx.recipe])
+        if config.leg_stats or config.log_format != "original":
+            self.ctx.on_end = Closing(log, config.log_format, histogram_slot, ctr)
         if config.connect_timeout:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None
@@ -76,11 +77,7 @@ class Worker:
         self.listener.on_bypass = self._on_bypass
         self.trim = self.loop.timer(PIPE_TRIM_INTERVAL, PIPE_TRIM_INTERVAL)
         self.drain_timer = None
-        self.conns_asked = 0  # "conns" requests not answered in full yet
-        self.conns_from: int | None = None
-        self.conns_to = -1
-        self.conns_now = 0.0
-        self.conns_timer = self.loop.timer(0.0)
+        self.listing = Listing(self.loop, self.table, self.channel)
         self.exit_status = 0
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
@@ -111,10 +108,8 @@ class Worker:
     def _on_command(self, line: str) -> None:
         if line == Word.PING:  # the loop runs (liveness.py)
             self.channel.send(Word.PONG)
-        elif line == Word.CONNS:
-            self.conns_asked += 1
-            if self.conns_asked == 1:
-                self._begin_conns()
+        elif line.split(" ", 1)[0] in (Word.CONNS, Word.CONN):
+            self.listing.ask(line)
         elif line == Word.DRAIN:
             self._drain()
         elif line == Word.FLUSH:
@@ -212,28 +207,6 @@ class Worker:
             connection.abort()
         self.loop.stop()
 
-    def _begin_conns(self) -> None:
-        """Answer the oldest "conns" request: the connections open now."""
-        self.conns_from, self.conns_to = 0, self.table.newest()
-        self.conns_now = self.loop.now()  # one time for the whole answer
-        self.conns_timer.start(self._list_conns)
-
-    def _list_conns(self) -> None:
-        """CONNS_SLICE connections of the answer per loop iteration, so the
-        connections' events are served in between; requests are answered
-        one after the other, each ending with an empty line."""
-        now, pid = self.conns_now, os.getpid()
-        page, self.conns_from = self.table.page(self.conns_from, self.conns_to, CONNS_SLICE)
-        lines = [report.encode(pid, connection.snapshot(now)) for connection in page]
-        if self.conns_from is not None:
-            self.channel.send(*lines)
-            self.conns_timer.start(self._list_conns)
-            return
-        self.channel.send(*lines, "")
-        self.conns_asked -= 1
-        if self.conns_asked:
-            self._begin_conns()
-
     def _closed_while_draining(self, address: str) -> None:
         self.channel.send(count_line(Word.CLOSED, address, 1))
 
@@ -258,7 +231,8 @@ class Worker:
         for connection in self.table.connections():
             connection.close()
         self._report_matches()
-        watchers = [*self.signals, self.trim, self.conns_timer, self.match_timer]
+        self.listing.close()
+        watchers = [*self.signals, self.trim, self.match_timer]
         if self.drain_timer is not None:
             watchers.append(self.drain_timer)
         for watcher in watchers:
