@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (namespaces, TPROXY)" >&2; exit 1; }
 
 PACKAGES="iproute2 iptables nftables ipset tcpdump iperf3 curl openssh-client openssh-server
-          procps kmod groff-base man-db python3 python3-venv python3-pip"
+          procps kmod groff-base man-db python3 python3-venv python3-pip tmux"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -1,8 +1,9 @@
 """tcp-intercept-ctl: send one command to the daemon's control socket and
 print the answer, so nobody needs socat.
 
-    tcp-intercept-ctl [-s PATH] show info | show conns | show metrics | show policy
-                                | reload | help
+    tcp-intercept-ctl [-s PATH] show info | show conns [full] | show conn ID|ADDR
+                                | show metrics | show policy | reload | help
+    tcp-intercept-ctl [-s PATH] top     a full-screen live view (top.py)
 
 Exit status: 0 with the answer on stdout; 1 with a message on stderr when
 the daemon is not there, refuses us, does not answer, or says ERROR; 64 for
@@ -29,7 +30,10 @@ Options:
   -h --help           Displays this help message and exits
   -s --socket path    The control socket (default {DEFAULT_SOCKET})
 
-Commands: show info, show conns, show metrics, show policy, reload, help
+Commands: show info, show conns, show conns full, show conn ID|ADDR,
+show metrics, show policy, reload, help; and top: a full-screen view
+refreshed every second (keys: b a r t sort by throughput, age, RTT,
+retransmits; p pause; q quit)
 """
 
 
@@ -49,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if not words:
         sys.stderr.write(f"tcp-intercept-ctl: no command\n{USAGE}")
         return EX_USAGE
+    if words == ["top"]:
+        from . import top  # curses only for the live view
+        if not sys.stdout.isatty():
+            sys.stderr.write("tcp-intercept-ctl: top needs a terminal\n")
+            return EX_FAILED
+        top.main(path, ask, _why)
+        return EX_OK
     try:
         answer = ask(path, " ".join(words))
     except OSError as err:

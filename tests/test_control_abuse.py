@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tcp_intercept.worker import CONNS_SLICE
+from tcp_intercept.listing import CONNS_SLICE
 
 from .peers import ECHO, exchange, payload, sha256
 from .topology import inside, wait_for

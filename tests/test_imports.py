@@ -18,7 +18,7 @@ PATH = {"listener", "limits", "connection", "relay", "pipes", "table", "timeouts
         "counters", "logs", "recipe", "policy", "policy_file", "policy_values"}
 PROCESSES = {"cli", "startup", "master", "worker", "listing", "channel", "handover", "privileges",
              "detach", "liveness", "policy_keeper"}
-OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl"}
+OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl", "top"}
 
 pytestmark = pytest.mark.unit
 

@@ -144,8 +144,8 @@ def test_a_slow_check_holds_up_nothing(topo, peers, start_daemon, tmp_path):
     daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
     workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
     with open(install / "tcp_intercept" / "worker.py", "a") as module:
-        module.write("\nimport time as _time\n"
-                     "if os.environ.get('TCP_INTERCEPT_UPGRADE_CHECK'):\n"
+        module.write("\nimport os as _os\nimport time as _time\n"
+                     "if _os.environ.get('TCP_INTERCEPT_UPGRADE_CHECK'):\n"
                      "    _time.sleep(3)\n")
     signalled = time.monotonic()
     daemon.signal(signal.SIGUSR2)
