@@ -6,6 +6,12 @@ stderr under a supervisor), and to a syslog datagram socket.
 
     bench/logcost.sh [--connections N]
 
+A second table compares what the log costs one connection, to a file, in
+each --log-format: original (the six lines), summary and json (one line at
+close, after reading both legs' TCP_INFO from a real pair of loopback TCP
+sockets, as summary.Closing does in the daemon without --leg-stats; both
+with -B client, where the outgoing source needs no getsockname()).
+
 The cost is this thread's user + system CPU time (RUSAGE_THREAD: a reader
 thread drains the pipe, another process the syslog socket, as syslogd
 would; neither is counted), divided by the lines written, median of 5
@@ -32,8 +38,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tcp_intercept import logs  # noqa: E402
+from tcp_intercept import logs, summary  # noqa: E402
 from tcp_intercept.address import format_sockaddr  # noqa: E402
+from tcp_intercept.counters import SLOT_WORDS  # noqa: E402
 
 
 class NeverFires:
@@ -69,6 +76,71 @@ def connection_lines(log: logs.Log, n: int) -> None:
         log.info(f"{conn_id} C>S: EOF")
         log.info(f"{conn_id} S>C: EOF")
         log.info(f"{conn_id}: closed")
+
+
+class Moved:
+    def __init__(self, moved: int):
+        self.moved = moved
+
+
+class Closed:
+    """What summary.Closing reads of a Connection, over real sockets."""
+
+    def __init__(self, client: socket.socket, server: socket.socket, peer: tuple, dst: tuple):
+        self.client, self.server, self.peer, self.dst = client, server, peer, dst
+        self.c2s, self.s2c = Moved(1000), Moved(250_000)
+        self.started, self.connected, self.ended = 100.0, 100.001, "CFD"
+
+    @property
+    def id(self) -> str:  # formatted once per connection, as Connection does
+        return f"{format_sockaddr(self.peer)}-->{format_sockaddr(self.dst)}"
+
+    @property
+    def source(self) -> str:  # -B client, like the six lines above (no getsockname)
+        return format_sockaddr(self.peer)
+
+    def end_code(self) -> str:
+        return self.ended
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    client.sendall(b"x" * 10_000)
+    accepted.recv(10_000)
+    return listener, client, accepted
+
+
+def summaries(log: logs.Log, n: int, fmt: str) -> None:
+    """What n connections cost in --log-format fmt (summary or json)."""
+    listener, client, accepted = tcp_pair()
+    closing = summary.Closing(log, fmt, None, memoryview(bytearray(SLOT_WORDS * 8)).cast("Q"))
+    conn = Closed(accepted, client, None, ("10.1.0.1", 80))
+    for i in range(n):  # the bench's own work as the six lines': a peer per connection
+        conn.peer = ("10.0.0.2", 10000 + i % 50000)
+        closing(conn, 101.5)
+    for sock in (listener, client, accepted):
+        sock.close()
+
+
+def per_connection(fmt: str, connections: int, tmp: Path) -> float:
+    """Microseconds of CPU per connection, logging to a file in format fmt."""
+    log = logs.Log(str(tmp / "cost.log"))
+    log.open()
+    log.attach(Loop())
+    started = cpu()
+    if fmt == "original":
+        connection_lines(log, connections)
+    else:
+        summaries(log, connections, fmt)
+    log.flush()
+    spent = cpu() - started
+    log.close()
+    os.unlink(tmp / "cost.log")
+    return spent / connections * 1e6
 
 
 # A syslogd: reads datagrams from its stdin (the bound socket) and drops them.
@@ -148,6 +220,15 @@ def main(argv: list[str] | None = None) -> int:
         for target in ("file", "pipe", "syslog"):
             runs = [measure(target, args.connections, Path(tmp)) for _ in range(5)]
             print(f"| {target} | {statistics.median(runs):.2f} |")
+        print()
+        print("| --log-format (to a file) | CPU us per connection (median of 5, alternating) |")
+        print("|---|---|")
+        runs: dict[str, list[float]] = {"original": [], "summary": [], "json": []}
+        for _ in range(5):
+            for fmt, found in runs.items():
+                found.append(per_connection(fmt, args.connections, Path(tmp)))
+        for fmt, found in runs.items():
+            print(f"| {fmt} | {statistics.median(found):.2f} |")
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Daemon variants against each other and the direct path, in one run.
 
-    bench/variants.sh logging | counting | workers | policy | all  [--rounds N] [--quick]
+    bench/variants.sh logging | counting | workers | policy | legs | summary | all
+                      [--rounds N] [--quick]
                       [--together]
 
 Each round builds a fresh topology per path (tests/topology.py), the
@@ -25,6 +26,10 @@ Presets (what each issue asks to be shown):
   workers   -w 1 against -w 2 (this machine has 2 cores for everything)
   policy    no policy against --policy with 10,000 prefixes and with 1 rule,
             each matching the bench's server (bench/policy.py)
+  legs      the default options (the six lines to a file) as main has them,
+            against this tree: per-leg telemetry costs nothing by default
+  summary   the six lines, --log-format summary (one line and two TCP_INFO
+            reads at close) and the six lines with --leg-stats
 
 --together runs the first two variants of each preset at the same time,
 each in a topology of its own with its own load generator, and reports the
@@ -70,6 +75,7 @@ class Variant:
     args: list[str] = field(default_factory=list)
     log_file: bool = False
     stubbed: bool = False   # counting stubbed out
+    rev: str | None = None  # the package as it is at this git revision (e.g. main)
 
     @property
     def logs(self) -> bool:
@@ -88,6 +94,15 @@ PRESETS = {
     "policy": [Variant("no policy", [*BASE, "-q"]),
                Variant("10,000 prefixes", [*BASE, "-q", "--policy", str(MANY_PREFIXES)]),
                Variant("1 rule", [*BASE, "-q", "--policy", str(ONE_RULE)])],
+    # Issue 18: the default options cost what they cost before per-leg
+    # telemetry (main at the time of measuring), and the close summary
+    # against the six lines it replaces.
+    "legs": [Variant("main, default", BASE, log_file=True, rev="main"),
+             Variant("default", BASE, log_file=True)],
+    "summary": [Variant("six lines", BASE, log_file=True),
+                Variant("--log-format summary", [*BASE, "--log-format", "summary"],
+                        log_file=True),
+                Variant("six lines + --leg-stats", [*BASE, "--leg-stats"], log_file=True)],
 }
 PROFILES = {"full": Profile(8, 1, 5, 0, 0, 0, 0), "quick": Profile(3, 1, 3, 0, 0, 0, 0)}
 
@@ -119,6 +134,8 @@ def measure(topo: Topology, variant: Variant | None, profile: Profile, workdir: 
         repo = None
         if variant.stubbed:
             repo, _ = stubbed_copy(Path(tempfile.mkdtemp(dir=workdir)))
+        elif variant.rev:
+            repo = revision_copy(variant.rev, Path(tempfile.mkdtemp(dir=workdir)))
         daemon = Daemon(topo, *variant.args, workdir=workdir, name=tag,
                         log_file=variant.log_file, repo=repo).start()
     world = World(topo, profile, daemon)
@@ -130,6 +147,14 @@ def measure(topo: Topology, variant: Variant | None, profile: Profile, workdir: 
             len(daemon.lines(" ERROR: "))
         found["exit_status"] = daemon.stop()
     return found
+
+
+def revision_copy(rev: str, into: Path) -> Path:
+    """The package as at git revision rev, in into (to put on PYTHONPATH)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "tcp_intercept"],
+                             check=True, capture_output=True, timeout=60).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
+    return into
 
 
 def rate(world: World) -> dict:

@@ -164,8 +164,8 @@ class Config:
         ("--log-format",), "Per-connection lines: original (the six lines of the original, "
         "the default), summary (one line per connection at close: addresses, duration, "
         "connect time, bytes, termination code, each leg's RTT and retransmits) or json (the "
-        "same, a JSON object per line); summary and json read TCP_INFO at close as "
-        "--leg-stats does", "format", _value(_log_format)))
+        "same, a JSON object per line); summary and json read both legs' TCP_INFO at "
+        "close", "format", _value(_log_format)))
     leg_stats: bool = _opt(False, Option(
         ("--leg-stats",), "Read both legs' TCP_INFO when a connection closes, for the "
         "metrics' histograms (duration, connect time, each leg's RTT) and retransmit "

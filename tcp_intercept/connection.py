@@ -72,7 +72,8 @@ class Context:
     # The spare descriptor for when they run out (descriptors.py).
     reserve: Reserve = field(default_factory=Reserve)
     # Told of every connection about to close, its sockets still open
-    # (summary.Closing: --leg-stats, --log-format summary|json); None by default.
+    # (summary.Closing, with --leg-stats or --log-format summary|json); None by
+    # default, so that the default options read no TCP_INFO.
     on_end: Callable[[Connection, float], None] | None = None
 
 

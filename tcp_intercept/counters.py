@@ -53,8 +53,7 @@ FAMILIES = {
                             "has, new connections pass the proxy unseen", None),
     "pipes": ("gauge", "Kernel pipes of the pipe pools, lent to a relay or free", "state"),
     "retransmits": ("counter", "Segments retransmitted, by leg (client: client to router), "
-                    "read from TCP_INFO at each close with --leg-stats or --log-format "
-                    "summary|json", "leg"),
+                    "read from TCP_INFO at each close with --leg-stats", "leg"),
 }
 FIELDS: list[Field] = []
 

@@ -1,5 +1,5 @@
-"""Histograms of what connections were, filled at close (with --leg-stats or
---log-format summary|json) and read by /metrics: how long connections
+"""Histograms of what connections were, filled at close (with --leg-stats)
+and read by /metrics: how long connections
 lasted, how long the server took to accept, and each leg's smoothed RTT
 when it closed.
 

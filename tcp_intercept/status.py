@@ -43,9 +43,8 @@ class Status:
 
     def histogram_words(self) -> list[int] | None:
         """The histograms' words summed over the workers (histograms.py);
-        None when no option fills them."""
-        if self.histograms is None or not (self.config.leg_stats
-                                           or self.config.log_format != "original"):
+        None without --leg-stats, which fills them."""
+        if self.histograms is None or not self.config.leg_stats:
             return None
         return self.histograms.sums(self.board.in_use())
 

@@ -110,6 +110,20 @@ def read(sock: socket.socket | None, detail: bool = True) -> Leg | None:
     return parse(raw, congestion)
 
 
+# At close only what the summary and the histograms use, read straight from
+# the bytes: tcpi_rtt (offset 68), tcpi_total_retrans (100), tcpi_min_rtt (148).
+_AT_CLOSE = struct.Struct("=68xI28xI44xI")
+
+
+def at_close(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(smoothed RTT us, retransmitted segments, min RTT us) of sock, or
+    None: the cheap reading summary.Closing makes of every connection."""
+    try:
+        return _AT_CLOSE.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _AT_CLOSE.size))
+    except (OSError, struct.error):
+        return None
+
+
 def _congestion(sock: socket.socket) -> str:
     return sock.getsockopt(socket.IPPROTO_TCP, TCP_CONGESTION, 16).split(b"\0", 1)[0].decode()
 

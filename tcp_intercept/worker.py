@@ -58,7 +58,8 @@ class Worker:
                            recipe=recipe.from_config(config))
         self.deadlines.expect([self.ctx.recipe])
         if config.leg_stats or config.log_format != "original":
-            self.ctx.on_end = Closing(log, config.log_format, histogram_slot, ctr)
+            self.ctx.on_end = Closing(log, config.log_format,
+                                      histogram_slot if config.leg_stats else None, ctr)
         if config.connect_timeout:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None

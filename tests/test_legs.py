@@ -172,11 +172,13 @@ def test_one_summary_line_per_connection_at_close(topo, peers, daemon):
     [clean] = summaries(daemon, f"[{topo.CLIENT4}]:{port}")
     assert (int(clean["bytes_c2s"]), int(clean["bytes_s2c"])) == (len(data), len(data))
     assert clean["end"] == "CFD" and clean["source"].startswith(f"[{topo.ROUTER4_S}]:")
-    assert float(clean["server_rtt_ms"]) >= SLOW_MS > 5 > float(clean["client_rtt_ms"])
-    assert float(clean["connect_ms"]) >= SLOW_MS
+    assert int(clean["server_rtt_us"]) >= SLOW_MS * 1000 > 5000 > int(clean["client_rtt_us"])
+    assert int(clean["server_min_rtt_us"]) >= SLOW_MS * 1000 > 5000 > int(
+        clean["client_min_rtt_us"])
+    assert int(clean["connect_us"]) >= SLOW_MS * 1000
     assert float(clean["duration_s"]) >= 2 * SLOW_MS / 1000
     [refused] = summaries(daemon, f"[{topo.CLIENT4}]:{refused_port}")
-    assert (refused["end"], refused["connect_ms"], refused["server_rtt_ms"]) == ("SRC", "-", "-")
+    assert (refused["end"], refused["connect_us"], refused["server_rtt_us"]) == ("SRC", "-", "-")
     [reset] = summaries(daemon, f"[{topo.CLIENT4}]:{reset_port}")
     assert reset["end"] == "SRD"
     assert not daemon.lines_by_now("Connection intercepted")  # not the six lines
