@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (namespaces, TPROXY)" >&2; exit 1; }
 
 PACKAGES="iproute2 iptables nftables ipset tcpdump iperf3 curl openssh-client openssh-server
-          procps kmod groff-base man-db python3 python3-venv python3-pip tmux"
+          procps kmod groff-base man-db python3 python3-venv python3-pip tmux
+          prometheus"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
@@ -18,6 +19,11 @@ if [ -n "$missing" ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # The tests run their own Prometheus in a namespace; the package's
+    # service (started by apt where systemd runs) is not wanted here.
+    if [[ " $missing " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
