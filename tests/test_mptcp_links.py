@@ -21,6 +21,7 @@ first.
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -159,3 +160,40 @@ def test_ss_shows_the_options_on_every_subflow(topo, sink, start_daemon):
         sock.shutdown(socket.SHUT_WR)
         sock.recv(1)
     assert sink.transfer().subflows == 2
+
+
+def test_show_conn_combines_the_subflows_as_ss_shows_them(topo, sink, start_daemon):
+    """The router's MPTCP leg in show conn and show conns full: its two
+    subflows (MPTCP_TCPINFO), their bytes and retransmits summed and the
+    least min RTT, as ss prints the subflows of the same socket."""
+    daemon = start_daemon("-M", control=True)
+    with topo.connect(topo.cli, topo.SERVER4, SINK_PORT) as sock:
+        sock.sendall(bytes(1_000_000))
+
+        def settled():  # both subflows up, everything sent acknowledged
+            found = [line for line in ss(topo) if f"pid={daemon.worker}," in line.owner
+                     and "tcp-ulp-mptcp" in line.info]
+            return len(found) == 2 and all("unacked" not in line.info for line in found)
+        wait_for(settled, 10, "two idle subflows in the router's ss")
+        client = "[{}]:{}".format(*sock.getsockname())
+        shown = dict(line.split(": ", 1) for line in daemon.ask(f"show conn {client}")
+                     .splitlines())
+        header, *rows = daemon.ask("show conns full").splitlines()
+        subflows = [line.info for line in ss(topo) if f"pid={daemon.worker}," in line.owner
+                    and "tcp-ulp-mptcp" in line.info]
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(1)
+    server = dict(word.split("=", 1) for word in shown["Server_leg"].split())
+    client_leg = dict(word.split("=", 1) for word in shown["Client_leg"].split())
+    assert server["subflows"] == "2" and "subflows" not in client_leg
+
+    def total(key: str) -> int:
+        return sum(int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", info)) else 0
+                   for info in subflows)
+    assert int(server["bytes_acked"]) == total("bytes_acked")
+    assert int(server["bytes_received"]) == total("bytes_received")
+    assert float(server["min_rtt_ms"]) == pytest.approx(
+        min(float(re.search(r"\bminrtt:([\d.]+)", info).group(1)) for info in subflows),
+        abs=0.0011)
+    row = dict(zip(header.split()[1:], rows[0].split(), strict=True))
+    assert (row["s_subflows"], row["c_subflows"]) == ("2", "0")
