@@ -162,3 +162,28 @@ def test_a_slow_check_holds_up_nothing(topo, peers, start_daemon, tmp_path):
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
         sock.sendall(b"upgraded")
         assert sock.recv(8, socket.MSG_WAITALL) == b"upgraded"
+
+
+def test_the_histograms_go_on_through_an_upgrade(topo, peers, start_daemon):
+    """--leg-stats: the histograms' memfd is handed over like the counters'."""
+    daemon = start_daemon("-w", "2", "--leg-stats", control=True, log_file=True)
+
+    def closed(count: int) -> None:
+        for _ in range(count):
+            with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+                sock.sendall(b"h" * 100)
+                assert sock.recv(100, socket.MSG_WAITALL) == b"h" * 100
+        wait_for(lambda: daemon.info()["Connections_open"] == "0", 10, "closes")
+
+    def observed() -> float:
+        [value] = [line.split()[-1] for line in daemon.ask("show metrics").splitlines()
+                   if line.startswith("tcp_intercept_connection_duration_seconds_count")]
+        return float(value)
+
+    closed(3)
+    assert observed() == 3
+    daemon.signal(signal.SIGUSR2)
+    upgraded(daemon)
+    assert observed() == 3
+    closed(2)
+    assert observed() == 5
