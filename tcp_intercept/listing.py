@@ -93,7 +93,9 @@ class Listing:
         client = tcpinfo.read(c.client)
         return [json.dumps({
             "id": f"{os.getpid()}.{c.key}", "snapshot": c.snapshot(now),
-            "end": c.ended, "rule": getattr(c, "rule", None),
+            # The policy's rule that chose the connection's recipe (issue 16:
+            # connection.recipe.name once it lands); None until then.
+            "end": c.ended, "rule": getattr(getattr(c, "recipe", None), "name", None),
             "client_leg": client._asdict() if client else None,
             "server_leg": server._asdict() if server else None,
             "time": now})]
