@@ -28,6 +28,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from .topology import Topology, TopologyError, inside
@@ -256,3 +257,12 @@ class PeerServer:
             if not self._cond.wait_for(lambda: self.accepted >= count, timeout):
                 raise TopologyError(f"only {self.accepted} of {count} connections accepted")
 
+
+def send_paced(sock, rate: int, stop: threading.Event) -> None:
+    """rate bytes a second in 20 chunks, on a schedule (a late chunk does
+    not push the next ones back), until stop."""
+    chunk, start, sent = b"p" * (rate // 20), time.monotonic(), 0
+    while not stop.is_set():
+        sock.sendall(chunk)
+        sent += 1
+        time.sleep(max(start + sent / 20 - time.monotonic(), 0))

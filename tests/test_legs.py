@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from . import delayline
 from .intercept import REPO
-from .peers import ECHO, REFUSED, RESET, exchange, payload, sha256
+from .peers import ECHO, REFUSED, RESET, exchange, payload, send_paced, sha256
 from .test_ss_view import ss
 from .topology import inside, wait_for
 
@@ -103,10 +103,7 @@ def test_show_conn_measures_a_transfer_of_known_rate(topo, daemon):
     rate, stop = 200_000, threading.Event()
     with topo.connect(topo.cli, SLOW4, ECHO) as sock:
         def send() -> None:
-            chunk = b"r" * (rate // 20)
-            while not stop.is_set():
-                sock.sendall(chunk)
-                time.sleep(0.05)
+            send_paced(sock, rate, stop)
 
         def drain() -> None:
             while not stop.is_set() and sock.recv(65536):

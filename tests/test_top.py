@@ -17,7 +17,7 @@ import pytest
 from tcp_intercept import top
 
 from .intercept import REPO
-from .peers import ECHO
+from .peers import ECHO, send_paced
 from .topology import wait_for
 
 CTL = str(REPO / ".venv" / "bin" / "tcp-intercept-ctl")
@@ -73,9 +73,7 @@ def paced(topo, rate: int):
 
     def send() -> None:
         with contextlib.suppress(OSError):
-            while not stop.is_set():
-                sock.sendall(b"p" * (rate // 20))
-                time.sleep(0.05)
+            send_paced(sock, rate, stop)
 
     def drain() -> None:
         with contextlib.suppress(OSError):
@@ -112,29 +110,36 @@ def rate(cell: str) -> float:
 def test_top_shows_the_busiest_connections_and_obeys_its_keys(topo, peers, start_daemon,
                                                                tmux):
     daemon = start_daemon("-w", "2", control=True)
-    with paced(topo, SLOW_RATE) as slow, paced(topo, FAST_RATE) as fast:
-        tmux.start(f"{CTL} -s {daemon.control_path} top")
+    with paced(topo, SLOW_RATE) as slow:
+        time.sleep(0.3)  # an older connection, by more than top's 0.1 s of age
+        with paced(topo, FAST_RATE) as fast:
+            watch(tmux, daemon, slow, fast)
 
-        def both_measured():
-            screen = tmux.screen()
-            rows = [row_of(screen, port)[1] for port in (slow, fast)]
-            return all(r and rate(r[4]) > 0 for r in rows) and screen
-        screen = wait_for(both_measured, 10, "top to show both transfers")
-        assert "sorted by throughput" in screen and "connections 2" in screen
-        (slow_at, slow_row), (fast_at, fast_row) = row_of(screen, slow), row_of(screen, fast)
-        assert fast_at < slow_at, screen  # the busiest first
-        for row, expected in ((slow_row, SLOW_RATE), (fast_row, FAST_RATE)):
-            assert 0.5 * expected < rate(row[4]) < 1.6 * expected, screen  # C>S/s
-            assert 0.5 * expected < rate(row[5]) < 1.6 * expected, screen  # S>C/s
-            assert float(row[6]) < 5 and float(row[7]) < 5, screen  # both legs' RTT, ms
-            assert row[-1] == "relaying"
-        tmux.keys("a")  # by age: the slow one began first
-        screen = wait_for(lambda: "sorted by age" in (s := tmux.screen()) and s, 5, "age")
-        assert row_of(screen, slow)[0] < row_of(screen, fast)[0], screen
-        tmux.keys("p")
-        wait_for(lambda: "[PAUSED]" in tmux.screen(), 5, "the pause")
-        tmux.keys("q")
-        wait_for(lambda: not tmux.alive(), 5, "top to quit")
+
+def watch(tmux, daemon, slow: int, fast: int) -> None:
+    """What a person running top sees of the slow and the fast transfer."""
+    tmux.start(f"{CTL} -s {daemon.control_path} top")
+
+    def both_measured():
+        screen = tmux.screen()
+        rows = [row_of(screen, port)[1] for port in (slow, fast)]
+        return all(r and rate(r[4]) > 0 for r in rows) and screen
+    screen = wait_for(both_measured, 10, "top to show both transfers")
+    assert "sorted by throughput" in screen and "connections 2" in screen
+    (slow_at, slow_row), (fast_at, fast_row) = row_of(screen, slow), row_of(screen, fast)
+    assert fast_at < slow_at, screen  # the busiest first
+    for row, expected in ((slow_row, SLOW_RATE), (fast_row, FAST_RATE)):
+        assert 0.5 * expected < rate(row[4]) < 1.6 * expected, screen  # C>S/s
+        assert 0.5 * expected < rate(row[5]) < 1.6 * expected, screen  # S>C/s
+        assert float(row[6]) < 5 and float(row[7]) < 5, screen  # both legs' RTT, ms
+        assert row[-1] == "relaying"
+    tmux.keys("a")  # by age: the slow one began first
+    screen = wait_for(lambda: "sorted by age" in (s := tmux.screen()) and s, 5, "age")
+    assert row_of(screen, slow)[0] < row_of(screen, fast)[0], screen
+    tmux.keys("p")
+    wait_for(lambda: "[PAUSED]" in tmux.screen(), 5, "the pause")
+    tmux.keys("q")
+    wait_for(lambda: not tmux.alive(), 5, "top to quit")
 
 
 def test_top_says_when_the_terminal_is_too_small_or_the_daemon_gone(topo, start_daemon,
