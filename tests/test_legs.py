@@ -24,6 +24,7 @@ from .test_ss_view import ss
 from .topology import inside, wait_for
 
 SLOW_MS = 40
+FAST_MS = 20  # the client's leg stays under this even on a loaded machine
 SLOW4 = delayline.SLOW4
 METRICS = "[127.0.0.1]:[9107]"
 
@@ -63,8 +64,8 @@ def test_show_conn_tells_the_slow_leg_and_agrees_with_ss(topo, daemon):
     assert shown["State"] == "relaying" and shown["Rule"] == "-"
     assert int(shown["Bytes_c2s"]) == int(shown["Bytes_s2c"]) == len(data)
     client_leg, server_leg = leg(shown["Client_leg"]), leg(shown["Server_leg"])
-    assert float(server_leg["rtt_ms"]) >= SLOW_MS > 5 > float(client_leg["rtt_ms"])
-    assert float(server_leg["min_rtt_ms"]) >= SLOW_MS > 5 > float(client_leg["min_rtt_ms"])
+    assert float(server_leg["rtt_ms"]) >= SLOW_MS > FAST_MS > float(client_leg["rtt_ms"])
+    assert float(server_leg["min_rtt_ms"]) >= SLOW_MS > FAST_MS > float(client_leg["min_rtt_ms"])
     # The same sockets as ss prints them (both idle: nothing changes in between).
     source = shown["Source"].replace("[", "").replace("]", "")
     theirs = {"client": sockets[(f"{SLOW4}:{ECHO}", client.replace("[", "")
@@ -136,7 +137,7 @@ def test_show_conns_full_gives_both_legs_and_an_id_for_show_conn(topo, daemon):
                  if r.split()[1] == "[{}]:{}".format(*sock.getsockname())]
         shown = fields(daemon.ask(f"show conn {row['id']}").splitlines())
     assert header.startswith(plain_header + " id c_cc c_rtt_ms")
-    assert float(row["s_rtt_ms"]) >= SLOW_MS > 5 > float(row["c_rtt_ms"])
+    assert float(row["s_rtt_ms"]) >= SLOW_MS > FAST_MS > float(row["c_rtt_ms"])
     assert row["c_subflows"] == row["s_subflows"] == "0"
     assert int(row["worker"]) in daemon.workers() and row["id"].startswith(row["worker"] + ".")
     assert shown["Client"] == row["client"] and shown["Id"] == row["id"]
@@ -169,8 +170,9 @@ def test_one_summary_line_per_connection_at_close(topo, peers, daemon):
     [clean] = summaries(daemon, f"[{topo.CLIENT4}]:{port}")
     assert (int(clean["bytes_c2s"]), int(clean["bytes_s2c"])) == (len(data), len(data))
     assert clean["end"] == "CFD" and clean["source"].startswith(f"[{topo.ROUTER4_S}]:")
-    assert int(clean["server_rtt_us"]) >= SLOW_MS * 1000 > 5000 > int(clean["client_rtt_us"])
-    assert int(clean["server_min_rtt_us"]) >= SLOW_MS * 1000 > 5000 > int(
+    assert int(clean["server_rtt_us"]) >= SLOW_MS * 1000 > FAST_MS * 1000 > int(
+        clean["client_rtt_us"])
+    assert int(clean["server_min_rtt_us"]) >= SLOW_MS * 1000 > FAST_MS * 1000 > int(
         clean["client_min_rtt_us"])
     assert int(clean["connect_us"]) >= SLOW_MS * 1000
     assert float(clean["duration_s"]) >= 2 * SLOW_MS / 1000
@@ -202,5 +204,5 @@ def test_histograms_and_retransmits_in_the_metrics(topo, daemon):
     assert found[("tcp_intercept_leg_rtt_seconds_bucket", (("le", "0.02"), server))] == 0
     assert found[("tcp_intercept_leg_rtt_seconds_bucket", (("le", "0.1"), server))] == connected
     client = ("leg", "client")
-    assert found[("tcp_intercept_leg_rtt_seconds_bucket", (("le", "0.005"), client))] == n
+    assert found[("tcp_intercept_leg_rtt_seconds_bucket", (("le", "0.02"), client))] == n
     assert ("tcp_intercept_retransmits_total", (server,)) in found

@@ -131,7 +131,7 @@ def watch(tmux, daemon, slow: int, fast: int) -> None:
     for row, expected in ((slow_row, SLOW_RATE), (fast_row, FAST_RATE)):
         assert 0.5 * expected < rate(row[4]) < 1.6 * expected, screen  # C>S/s
         assert 0.5 * expected < rate(row[5]) < 1.6 * expected, screen  # S>C/s
-        assert float(row[6]) < 5 and float(row[7]) < 5, screen  # both legs' RTT, ms
+        assert float(row[6]) < 20 and float(row[7]) < 20, screen  # both legs' RTT, ms
         assert row[-1] == "relaying"
     tmux.keys("a")  # by age: the slow one began first
     screen = wait_for(lambda: "sorted by age" in (s := tmux.screen()) and s, 5, "age")
