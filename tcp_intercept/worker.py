@@ -57,7 +57,7 @@ class Worker:
                            log=log if config.log_format == "original" else None,
                            recipe=recipe.from_config(config))
         self.deadlines.expect([self.ctx.recipe])
-        if config.leg_stats or config.log_format != "original":
+        if config.leg_stats or (log is not None and config.log_format != "original"):
             self.ctx.on_end = Closing(log, config.log_format,
                                       histogram_slot if config.leg_stats else None, ctr)
         if config.connect_timeout:
