@@ -184,6 +184,8 @@ class Listener:
             policy.choose(client, peer, dst)
         if self.limits is not None and \
                 not self.limits.admit(peer[0], self.ctx.loop.now(), recipe.max_per_client):
+            if self.ctx.on_refused is not None:
+                self.ctx.on_refused(peer, dst)
             reset_on_close(client)  # refused, not served
             client.close()
             return True

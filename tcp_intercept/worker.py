@@ -58,8 +58,9 @@ class Worker:
                            recipe=recipe.from_config(config))
         self.deadlines.expect([self.ctx.recipe])
         if config.leg_stats or (log is not None and config.log_format != "original"):
-            self.ctx.on_end = Closing(log, config.log_format,
-                                      histogram_slot if config.leg_stats else None, ctr)
+            closing = Closing(log, config.log_format,
+                              histogram_slot if config.leg_stats else None, ctr)
+            self.ctx.on_end, self.ctx.on_refused = closing, closing.refused
         if config.connect_timeout:
             self.ctx.on_connecting = self.deadlines.connect_started
         limits = None

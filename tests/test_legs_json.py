@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from .peers import ECHO, exchange, payload, sha256
 from .test_legs import FAST_MS, SLOW4, SLOW_MS
 from .test_legs import slow_server_leg as slow_server_leg  # a fixture
@@ -28,3 +30,18 @@ def test_json_log_format_has_the_same_fields(topo, peers, slow_server_leg, start
                            "connect_us", "bytes_c2s", "bytes_s2c", "end", "client_leg",
                            "server_leg"}
     assert abs(record["time"] - time.time()) < 30
+
+
+def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
+    daemon = start_daemon("--log-format", "json", "--max-per-client", "1", log_file=True)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as held:
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as refused:
+            port = refused.getsockname()[1]
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                refused.sendall(b"y")
+                refused.recv(1)
+    [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
+    record = json.loads(line)
+    assert (record["end"], record["source"], record["bytes_c2s"]) == ("PLC", None, 0)
