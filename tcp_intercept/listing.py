@@ -93,9 +93,9 @@ class Listing:
         client = tcpinfo.read(c.client)
         return [json.dumps({
             "id": f"{os.getpid()}.{c.key}", "snapshot": c.snapshot(now),
-            # The policy's rule that chose the connection's recipe (issue 16:
-            # connection.recipe.name once it lands); None until then.
-            "end": c.ended, "rule": getattr(getattr(c, "recipe", None), "name", None),
+            # The --policy rule that chose the connection's options (recipe.py:
+            # "default" when none did).
+            "end": c.ended, "rule": c.recipe.name,
             "client_leg": client._asdict() if client else None,
             "server_leg": server._asdict() if server else None,
             "time": now})]

@@ -70,8 +70,6 @@ def conn_lines(first: dict, second: dict | None) -> list[str]:
     lines = [f"Id: {now['id']}", f"Worker: {pid}", f"Client: {client}",
              f"Destination: {dst}", f"Source: {src}",
              f"State: {state if second else 'closed (while measuring)'}",
-             # The policy's rule that chose this connection's recipe (issue 16),
-             # once connections carry one.
              f"Rule: {now.get('rule') or '-'}",
              f"End: {now.get('end') or '-'}",
              f"Age_s: {age:.1f}", f"Idle_s: {idle:.1f}", f"Pipe: {pipe}",

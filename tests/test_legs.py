@@ -61,7 +61,7 @@ def test_show_conn_tells_the_slow_leg_and_agrees_with_ss(topo, daemon):
         shown = fields(daemon.ask(f"show conn {client}").splitlines())
         sockets = {(s.local, s.peer): s.info for s in ss(topo)}
     assert shown["Client"] == client and shown["Destination"] == f"[{SLOW4}]:{ECHO}"
-    assert shown["State"] == "relaying" and shown["Rule"] == "-"
+    assert shown["State"] == "relaying" and shown["Rule"] == "default"
     assert int(shown["Bytes_c2s"]) == int(shown["Bytes_s2c"]) == len(data)
     client_leg, server_leg = leg(shown["Client_leg"]), leg(shown["Server_leg"])
     assert float(server_leg["rtt_ms"]) >= SLOW_MS > FAST_MS > float(client_leg["rtt_ms"])

@@ -1,5 +1,6 @@
-"""--log-format json: the close summary as one JSON object per line, with a
-daemon of its own (test_legs.py's serves the summary format)."""
+"""Per-leg telemetry with daemons of their own (test_legs.py's serves the
+summary format): --log-format json, one JSON object per line; a client
+refused by its limit; the --policy rule in show conn."""
 
 from __future__ import annotations
 
@@ -50,3 +51,20 @@ def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
     [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
     record = json.loads(line)
     assert (record["end"], record["source"], record["bytes_c2s"]) == ("PLC", None, 0)
+
+
+def test_show_conn_names_the_policy_rule_and_its_congestion_control(topo, peers, tmp_path,
+                                                                    start_daemon):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'[[rule]]\nname = "echo-cubic"\nport = {ECHO}\n'
+                      '[rule.server_leg]\ncongestion = "cubic"\n')
+    daemon = start_daemon("--policy", str(policy), "--client-congestion", "reno",
+                          control=True)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        shown = dict(line.split(": ", 1) for line in daemon.ask(
+            "show conn [{}]:{}".format(*sock.getsockname())).splitlines())
+    assert shown["Rule"] == "echo-cubic"
+    assert shown["Server_leg"].startswith("cc=cubic ") and shown["Client_leg"].startswith(
+        "cc=reno ")
