@@ -6,11 +6,13 @@ terminal too small; the daemon gone."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +56,10 @@ class Tmux:
         return self.run("has-session", "-t", "top", check=False).returncode == 0
 
     def kill(self) -> None:
+        """The server and its socket file (which tmux leaves behind)."""
+        path = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}" / self.name
         self.run("kill-server", check=False)
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture
