@@ -18,7 +18,10 @@ Life of a connection:
 Every connection counts once as accepted and once as closed (how: clean,
 reset, idle timeout); a failed connect also counts why. The first thing
 that ended it is kept as a termination code (`end_code()`, summary.py
-lists them) for the close summary and `show conn`.
+lists them) for the close summary and `show conn`. With -B client, a
+connect that finds the client's 4-tuple still held by a closing socket of an
+earlier connection takes it back and tries once more, or fails (reclaim.py);
+either way it counts and logs one line.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from os import strerror
 
 from loguru import logger
 
-from . import counters
+from . import counters, reclaim
 from .address import format_sockaddr
 from .descriptors import Reserve
 from .evloop import EVENTS, READ, WRITE, Loop
@@ -125,6 +128,10 @@ class Connection:
         self.server = server = recipe.open_server(self.client.family, ctx.reserve)
         recipe.prepare_server(server, self.peer, syn_dscp)
         status = server.connect_ex(self.dst)
+        if status == errno.EADDRNOTAVAIL and recipe.spoof_client:
+            status = self._reclaim(server)
+            if status is None:
+                return
         if status not in (0, errno.EINPROGRESS):
             raise OSError(status, strerror(status))
         if ctx.log is not None:
@@ -140,6 +147,24 @@ class Connection:
         self.sw.start(self._on_connected, EVENTS)
         if ctx.on_connecting is not None:
             ctx.on_connecting(self)
+
+    def _reclaim(self, server: socket.socket) -> int | None:
+        """Our 4-tuple is taken (reclaim.py): take it back and connect
+        again (connect's status), or refuse the client (None)."""
+        ctx = self.ctx
+        try:
+            state = reclaim.take_back(server.family, self.peer, self.dst)
+        except (reclaim.Held, OSError) as err:
+            ctx.ctr[counters.PORT_REUSE_REFUSED] += 1  # count
+            if ctx.log is not None:
+                ctx.log.warning(f"{self.id}: port reuse: 4-tuple {err}, refusing")
+            self.abort()
+            return None
+        ctx.ctr[counters.PORT_REUSE_RECLAIMED] += 1  # count
+        if ctx.log is not None:
+            ctx.log.info(f"{self.id}: port reuse: reset our earlier socket ({state}) "
+                         "with this 4-tuple")
+        return server.connect_ex(self.dst)
 
     @property
     def source(self) -> str:

@@ -54,6 +54,9 @@ FAMILIES = {
     "pipes": ("gauge", "Kernel pipes of the pipe pools, lent to a relay or free", "state"),
     "retransmits": ("counter", "Segments retransmitted, by leg (client: client to router), "
                     "read from TCP_INFO at each close with --leg-stats", "leg"),
+    "port_reuse_conflicts": ("counter", "New connections (-B client) whose 4-tuple a socket of "
+                             "an earlier one still held, by outcome: that closing socket "
+                             "reclaimed, or the connection refused", "outcome"),
 }
 FIELDS: list[Field] = []
 
@@ -89,6 +92,8 @@ FULL_RESET = _declare("Full_reset", "connections_full_reset")
 FULL_BYPASS_PERIODS = _declare("Full_bypass_periods", "full_bypass_periods")
 RETRANS_CLIENT = _declare("Retransmits_client", "retransmits", "client")
 RETRANS_SERVER = _declare("Retransmits_server", "retransmits", "server")
+PORT_REUSE_RECLAIMED = _declare("Port_reuse_reclaimed", "port_reuse_conflicts", "reclaimed")
+PORT_REUSE_REFUSED = _declare("Port_reuse_refused", "port_reuse_conflicts", "refused")
 
 # The fields that add up over time (the others are gauges: the state now).
 COUNTERS = tuple(index for index, field in enumerate(FIELDS)

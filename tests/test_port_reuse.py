@@ -1,0 +1,135 @@
+"""A client reuses its port toward the same server while a socket with that
+4-tuple still closes in the router (-B client): the daemon takes the 4-tuple
+back from an orphan, refuses when a live socket holds it, and counts and
+logs each case once.
+
+The earlier connection's socket is made by the test itself in the router:
+transparent, bound to the client's address and port, connected to a server
+that never closes its end. Closed by us while the server's acknowledgements
+are dropped, it waits in FIN_WAIT1 with no process holding it (what the
+daemon's own socket does when the server's answers go to another router of
+an ECMP group); held open, it is a live socket. (An orphan whose FIN was
+acknowledged becomes a FIN_WAIT2 time-wait socket, which the kernel reuses
+by itself.)
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tcp_intercept.sockopts import set_transparent
+
+from .netns import wait_for
+from .peers import payload, sha256
+
+TCP_CLOSE = 7
+PORT = 7100  # a server of this test's own that never closes its end
+# In the router: the server's packets without SYN to the client's port are
+# lost (the SYN-ACK of a new connection passes).
+LOSE_ACKS = """table ip port_reuse {{
+    chain prerouting {{
+        type filter hook prerouting priority -300; policy accept;
+        ip saddr {server} tcp sport {port} tcp dport {client_port} tcp flags & syn == 0 drop
+    }}
+}}
+"""
+
+
+@pytest.fixture
+def hold_open(topo):
+    """A listener in the server namespace; what it accepts is kept open."""
+    listener = topo.socket(topo.srv)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((topo.SERVER4, PORT))
+    listener.listen(16)
+    listener.settimeout(10)
+    accepted = []
+    yield listener, accepted
+    for sock in accepted:
+        sock.close()
+    listener.close()
+
+
+def earlier_socket(topo, client_port: int) -> socket.socket:
+    """In the router: the client's 4-tuple toward PORT, established."""
+    sock = topo.socket(topo.rtr)
+    set_transparent(sock)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((topo.CLIENT4, client_port))
+    sock.settimeout(10)
+    sock.connect((topo.SERVER4, PORT))
+    return sock
+
+
+def client_from(topo, client_port: int) -> socket.socket:
+    sock = topo.socket(topo.cli)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((topo.CLIENT4, client_port))
+    sock.settimeout(10)
+    return sock
+
+
+def router_states(topo, client_port: int) -> str:
+    return topo.run(topo.rtr, "ss", "-tanH", f"src {topo.CLIENT4}:{client_port}").stdout
+
+
+def test_orphan_is_reclaimed(topo, start_daemon, hold_open):
+    listener, accepted = hold_open
+    daemon = start_daemon("-B", "client", control=True, log_file=True)
+    client_port = 41001
+    earlier = earlier_socket(topo, client_port)
+    accepted.append(listener.accept()[0])
+    topo.run(topo.rtr, "nft", "-f", "-", input=LOSE_ACKS.format(
+        server=topo.SERVER4, port=PORT, client_port=client_port))
+    earlier.close()  # FIN, never acknowledged
+    wait_for(lambda: "FIN-WAIT-1" in router_states(topo, client_port), 5, "the orphan")
+
+    client = client_from(topo, client_port)
+    client.connect((topo.SERVER4, PORT))
+    daemon.wait_log("port reuse")
+    topo.run(topo.rtr, "nft", "delete", "table", "ip", "port_reuse")
+    data = payload(100_000, seed=1)
+    client.sendall(data)
+    client.shutdown(socket.SHUT_WR)
+    server_end = listener.accept()[0]
+    accepted.append(server_end)
+    got = b""
+    while chunk := server_end.recv(65536):
+        got += chunk
+    assert sha256(got) == sha256(data)
+    assert server_end.getpeername() == (topo.CLIENT4, client_port)
+    client.close()
+
+    info = daemon.info()
+    assert (info["Port_reuse_reclaimed"], info["Port_reuse_refused"]) == ("1", "0")
+    lines = daemon.wait_log("port reuse")
+    assert len(lines) == 1 and "FIN_WAIT1" in lines[0], lines
+    # The earlier connection's server end heard of its end: a reset took
+    # it from CLOSE_WAIT to CLOSE.
+    assert accepted[0].getsockopt(socket.SOL_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+
+
+def test_live_socket_is_not_taken(topo, start_daemon, hold_open):
+    listener, accepted = hold_open
+    daemon = start_daemon("-B", "client", control=True, log_file=True)
+    client_port = 41002
+    earlier = earlier_socket(topo, client_port)
+    try:
+        accepted.append(listener.accept()[0])
+        client = client_from(topo, client_port)
+        client.connect((topo.SERVER4, PORT))  # the daemon accepts, then refuses
+        with pytest.raises(ConnectionResetError):
+            client.recv(1)
+        client.close()
+        # The live socket still works.
+        earlier.sendall(b"still here")
+        assert accepted[0].recv(64) == b"still here"
+    finally:
+        earlier.close()
+    info = daemon.info()
+    assert (info["Port_reuse_reclaimed"], info["Port_reuse_refused"]) == ("0", "1")
+    lines = daemon.wait_log("port reuse")
+    assert len(lines) == 1 and "refusing" in lines[0] and "ESTABLISHED" in lines[0], lines
+    assert not daemon.lines_by_now("connect to server failed")
