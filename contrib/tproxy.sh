@@ -15,8 +15,11 @@
 #                    2. skip interception: a packet to one of this host's
 #                       addresses is left alone, and one from or to an
 #                       address in the bypass set (the policy's, see
-#                       "Bypass" below); every rule that exempts traffic
-#                       from interception goes here: *_skip_rules;
+#                       "Bypass" below), and with --pass-mark one that
+#                       rules of the operator's own marked so (e.g.
+#                       contrib/multi-router's hand-off); every rule that
+#                       exempts traffic from interception goes here:
+#                       *_skip_rules;
 #                    3. fail open (--fail open, the default): a packet is
 #                       left alone, forwarded as if there were no proxy,
 #                       while the daemon cannot take it (below);
@@ -85,6 +88,8 @@ PORT=5000
 MARK=0x1
 MASK=0x1
 TABLE=5
+PASS_MARK=
+PASS_MASK=
 FAMILIES="4 6"
 BACKEND=
 FAIL=open
@@ -113,6 +118,11 @@ Options:
   --mark MARK[/MASK]      firewall mark for intercepted packets and its mask
                           (default 0x1/0x1; MASK defaults to 0xffffffff)
   --table N               routing table for marked packets (default 5)
+  --pass-mark MARK[/MASK] leave alone (route as usual) every packet that
+                          already carries MARK when it reaches our rules,
+                          e.g. set by rules of your own that send some
+                          packets elsewhere (contrib/multi-router); its bits
+                          must not meet --mark's mask
   --fail open|closed      when no daemon listens (none runs, it was killed
                           or failed to start): open (default) forwards new
                           connections as if there were no proxy, within 2
@@ -181,16 +191,16 @@ to_hex() {
 	esac
 }
 
-parse_mark() {
+parse_mark() { # option value: sets PARSED_MARK and PARSED_MASK
 	local mark mask=0xffffffff
-	case $1 in */*) mask=${1#*/} ;; esac
-	if ! mark=$(to_hex "${1%%/*}") || ! mask=$(to_hex "$mask"); then
-		bad_usage "--mark: not MARK[/MASK] (decimal or 0x hex, 32 bits): '$1'"
+	case $2 in */*) mask=${2#*/} ;; esac
+	if ! mark=$(to_hex "${2%%/*}") || ! mask=$(to_hex "$mask"); then
+		bad_usage "$1: not MARK[/MASK] (decimal or 0x hex, 32 bits): '$2'"
 	fi
-	[ $((mark)) -ne 0 ] || bad_usage "--mark: the mark must not be 0"
-	[ $((mark & ~mask)) -eq 0 ] || bad_usage "--mark: mark $mark has bits outside mask $mask"
-	MARK=$mark
-	MASK=$mask
+	[ $((mark)) -ne 0 ] || bad_usage "$1: the mark must not be 0"
+	[ $((mark & ~mask)) -eq 0 ] || bad_usage "$1: mark $mark has bits outside mask $mask"
+	PARSED_MARK=$mark
+	PARSED_MASK=$mask
 }
 
 is_port() {
@@ -210,7 +220,7 @@ parse_args() {
 		local opt=$1 value=
 		case $opt in
 		--*=*) value=${opt#*=}; opt=${opt%%=*} ;;
-		--backend | --family | --port | --mark | --table | --fail | --policy)
+		--backend | --family | --port | --mark | --table | --fail | --policy | --pass-mark)
 			[ $# -ge 2 ] || bad_usage "$opt needs a value"
 			value=$2
 			shift
@@ -230,7 +240,12 @@ parse_args() {
 			is_port "$value" || bad_usage "--port: not a port number: '$value'"
 			PORT=$((10#$value))
 			;;
-		--mark) parse_mark "$value" ;;
+		--mark) parse_mark "$opt" "$value"; MARK=$PARSED_MARK; MASK=$PARSED_MASK ;;
+		--pass-mark)
+			parse_mark "$opt" "$value"
+			PASS_MARK=$PARSED_MARK
+			PASS_MASK=$PARSED_MASK
+			;;
 		--fail)
 			case $value in open | closed) FAIL=$value ;;
 			*) bad_usage "--fail: open or closed, not '$value'" ;; esac
@@ -254,6 +269,9 @@ parse_args() {
 	done
 	[ -n "$COMMAND" ] || bad_usage "no command: up, down, status or bypass"
 	[ "$COMMAND" != bypass ] || [ -n "$POLICY" ] || bad_usage "bypass needs --policy FILE"
+	if [ -n "$PASS_MARK" ] && [ $((PASS_MASK & MASK)) -ne 0 ]; then
+		bad_usage "--pass-mark: mask $PASS_MASK meets --mark's mask $MASK"
+	fi
 }
 
 # -- policy routing (both backends) ----------------------------------------
@@ -335,6 +353,7 @@ iptables_loopback() {
 iptables_skip_rules() {
 	echo "-A $CHAIN -p tcp -m addrtype --dst-type LOCAL -j RETURN"
 	bypass_iptables_rules "$1"
+	[ -z "$PASS_MARK" ] || echo "-A $CHAIN -p tcp -m mark --mark $PASS_MARK/$PASS_MASK -j RETURN"
 }
 
 # Step 3 and the heartbeat's rule; nothing with --fail closed.
@@ -418,6 +437,7 @@ nft_family() {
 nft_skip_rules() {
 	echo "meta l4proto tcp fib daddr type local accept"
 	bypass_nft_rules "$1"
+	[ -z "$PASS_MARK" ] || echo "meta l4proto tcp meta mark and $PASS_MASK == $PASS_MARK accept"
 }
 
 nft_ruleset() {

@@ -235,7 +235,35 @@ def test_port_mark_and_table_are_honoured(topo, peers, start_daemon, backend, fa
     assert peer[0] == (topo.CLIENT6 if family == "6" else topo.CLIENT4)
 
 
+# Rules of the operator's own that mark some packets before ours (what
+# contrib/multi-router's hand-off does): here every packet to and from the
+# echo port.
+PASS_MARK_RULES = f"""table inet pass_mark_test {{
+    chain prerouting {{
+        type filter hook prerouting priority -160; policy accept;
+        tcp dport {ECHO} meta mark set meta mark or 0x2
+        tcp sport {ECHO} meta mark set meta mark or 0x2
+    }}
+}}
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pass_mark_leaves_marked_packets_alone(topo, peers, start_daemon, backend):
+    daemon = start_daemon()
+    tproxy_sh(topo, "--backend", backend, "--family", "4", "--pass-mark", "0x2/0x2", "up")
+    assert_intercepted(topo, peers, daemon, "4")
+    topo.run(topo.rtr, "nft", "-f", "-", input=PASS_MARK_RULES)
+    try:
+        conn_id, peer = echo(topo, peers, "4")
+        assert peer[0] == topo.CLIENT4  # routed past the daemon
+        assert not daemon.lines_by_now(conn_id)
+    finally:
+        topo.run(topo.rtr, "nft", "delete", "table", "inet", "pass_mark_test")
+
+
 @pytest.mark.parametrize("args", [
+    ("--pass-mark", "0x1/0x1", "up"), ("--pass-mark", "0", "up"),
     ("--bogus", "up"), ("up", "down"), (), ("--port", "0", "up"), ("--port", "65536", "up"),
     ("--port",), ("--mark", "0", "up"), ("--mark", "0x3/0x1", "up"), ("--mark", "x", "up"),
     ("--table", "254", "up"), ("--table", "five", "up"), ("--family", "5", "up"),
@@ -251,7 +279,8 @@ def test_bad_command_line_exits_64_with_one_line(topo, args):
 def test_help(topo):
     result = tproxy_sh(topo, "--help")
     assert "up|down|status" in result.stdout
-    for option in ("--backend", "--family", "--port", "--mark", "--table", "--fail"):
+    for option in ("--backend", "--family", "--port", "--mark", "--table", "--fail",
+                   "--pass-mark"):
         assert option in result.stdout
 
 
