@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (namespaces, TPROXY)" >&2; exit 1; }
 
+# bird2: BFD and ECMP routes for the multi-router tests (contrib/multi-router).
+# Its package enables bird.service with Debian's default configuration,
+# which exports no route; the tests run BIRD of their own in namespaces.
 PACKAGES="iproute2 iptables nftables ipset tcpdump iperf3 curl openssh-client openssh-server
           procps kmod groff-base man-db python3 python3-venv python3-pip tmux
-          prometheus"
+          prometheus bird2"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class Daemon:
-    """tcp-intercept in the router namespace, started the way an operator does.
+    """tcp-intercept in the router namespace (or namespace ``ns`` of the
+    topology), started the way an operator does.
 
     Foreground (-f) by default, its stderr and stdout in ``<name>.out`` under
     workdir. With foreground=False it detaches: start() keeps the launcher's
@@ -37,8 +38,9 @@ class Daemon:
     def __init__(self, topo: Topology, *args: str, workdir: Path, name: str = "daemon",
                  listen: str | None = None, log_file: bool | Path = False,
                  foreground: bool = True, pid_file: bool | Path = False, control: bool = False,
-                 repo: Path | None = None):
+                 repo: Path | None = None, ns: str | None = None):
         self.topo = topo
+        self.ns = ns or topo.rtr
         self.repo = repo or REPO  # where tcp_intercept is imported from
         self.workdir = Path(workdir)
         self.listen = listen or f"[0.0.0.0]:[{topo.port}]"
@@ -79,14 +81,14 @@ class Daemon:
         env, cwd = {**os.environ, "PYTHONPATH": str(self.repo)}, str(self.repo)
         with open(self.out_path, "ab") as out:
             if self.foreground:
-                self.proc = self.topo.popen(self.topo.rtr, *self.command, stdin=subprocess.DEVNULL,
+                self.proc = self.topo.popen(self.ns, *self.command, stdin=subprocess.DEVNULL,
                                             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
                 self.pid = self.proc.pid
             else:
                 # Output to a file, not a pipe: a daemon that kept the pipe
                 # open would make us wait for its death, not its launcher's.
                 self.launcher_status = self.topo.run(
-                    self.topo.rtr, *self.command, check=False, timeout=timeout + 5,
+                    self.ns, *self.command, check=False, timeout=timeout + 5,
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     env=env, cwd=cwd).returncode
                 if self.launcher_status != 0:

@@ -1,0 +1,238 @@
+"""Two proxy routers sharing the load by the kernel's ECMP, with BIRD and
+BFD for failover: contrib/multi-router's recipe, as tests/routers.py builds
+it, with the real daemon (-B client) on each proxy router.
+
+The story: connections spread over both routers, every byte intact, the
+server seeing the client's own address; a router drained for maintenance
+keeps its connections until they end; a router that dies leaves the routes
+within BFD's detection time and new connections go through the other; when
+it comes back, the connections opened meanwhile survive (its hand-off sends
+their packets to the router that holds them), and without the hand-off
+about half of them break. The measured numbers are printed (-s) and kept as
+the tests' properties.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from .conftest import need_root
+from .netns import TopologyError, wait_for
+from .peers import ECHO, PeerServer, echo_burst, exchange, payload, sha256
+from .routers import RECIPE, Routers
+
+CONNECTIONS = 200
+DETECTION = 3 * 0.1  # BFD in the recipe: 3 missed packets at 100 ms
+_seeds = itertools.count(21_000_000)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    need_root()
+    with Routers(workdir=tmp_path_factory.mktemp("routers")) as routers:
+        routers.daemons = {i: start_proxy(routers, i) for i in (1, 2)}
+        with PeerServer(routers) as peers:
+            routers.peers = peers
+            yield routers
+
+
+def start_proxy(world, i: int, name: str | None = None):
+    """The daemon of proxy router i, for both families (one dual-stack listener)."""
+    return world.start_daemon(i, "-B", "client", listen=f"[::]:[{world.port}]", control=True,
+                              log_file=True, name=name)
+
+
+def server(world, family: str) -> str:
+    return world.SERVER6 if family == "6" else world.SERVER4
+
+
+def accepted(world) -> dict[int, int]:
+    return {i: int(d.info()["Connections_accepted"]) for i, d in world.daemons.items()}
+
+
+def one_exchange(world, family: str, timeout: float = 10) -> float:
+    """A connection to the echo server, 16 KiB both ways, checked; its duration."""
+    start = time.monotonic()
+    data = payload(16_384, seed=next(_seeds))
+    with world.connect(world.cli, server(world, family), ECHO, timeout=timeout) as sock:
+        assert exchange(sock, data) == (len(data), sha256(data), "eof")
+    return time.monotonic() - start
+
+
+def many(world, count: int, family: str = "4", timeout: float = 10) -> list[float]:
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda _: one_exchange(world, family, timeout), range(count)))
+
+
+def hold(world, count: int) -> list[socket.socket]:
+    """count echo connections, half of them IPv6, each checked once and left open."""
+    socks = []
+    for n in range(count):
+        sock = world.connect(world.cli, server(world, "46"[n % 2]), ECHO)
+        sock.settimeout(3)
+        data = payload(2048, seed=next(_seeds))
+        assert echo_burst(sock, data) == sha256(data)
+        socks.append(sock)
+    return socks
+
+
+def alive(sock: socket.socket) -> bool:
+    """Whether the connection still carries bytes both ways."""
+    data = payload(2048, seed=next(_seeds))
+    try:
+        return echo_burst(sock, data) == sha256(data)
+    except (OSError, TopologyError):
+        return False
+
+
+def survivors(socks: list[socket.socket]) -> int:
+    with ThreadPoolExecutor(16) as pool:
+        return sum(pool.map(alive, socks))
+
+
+def close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def client_ports(world, i: int) -> set[int]:
+    """The client ports of proxy router i's connections (show conns)."""
+    lines = world.daemons[i].ask("show conns").splitlines()[1:]
+    return {int(line.split()[1].rsplit(":", 1)[1].strip("[]")) for line in lines}
+
+
+def note(record_property, key: str, value) -> None:
+    print(f"{key}: {value}")
+    record_property(key, value)
+
+
+def test_the_recipe_is_installed(world):
+    # The same next hops in the same order on both sides (address order).
+    for family in ("-4", "-6"):
+        edge = [hop.rsplit(".", 1)[-1].rsplit(":", 1)[-1] for hop in world.next_hops(world.edge,
+                                                                                        family)]
+        core = [hop.rsplit(".", 1)[-1].rsplit(":", 1)[-1] for hop in world.next_hops(world.core,
+                                                                                        family)]
+        assert edge == core == ["11", "12"]
+    for ns in (world.edge, world.core, *world.routers):
+        assert world.run(ns, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy",
+                         "net.ipv6.fib_multipath_hash_policy").stdout.split() == ["3", "3"]
+
+
+@pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
+def test_connections_spread_intact(world, family, record_property):
+    before = accepted(world)
+    digests_before = len(world.peers.records)
+    many(world, CONNECTIONS, family)
+    after = accepted(world)
+    share = {i: after[i] - before[i] for i in after}
+    note(record_property, f"ipv{family} connections per router", share)
+    assert sum(share.values()) == CONNECTIONS
+    for count in share.values():
+        assert 0.4 * CONNECTIONS <= count <= 0.6 * CONNECTIONS, share
+    records = world.peers.wait_records(digests_before + CONNECTIONS)
+    client = world.CLIENT6 if family == "6" else world.CLIENT4
+    assert {r.peer[0] for r in records[digests_before:]} == {client}  # -B client, through both
+
+
+def test_a_drained_router_keeps_its_connections(world, record_property):
+    held = hold(world, 20)
+    try:
+        on_r1 = len(client_ports(world, 1))
+        assert 0 < on_r1 < 20
+        world.birdc(world.routers[0], "disable", "uplinks")
+        world.wait_routes([2])
+        handed, before = world.handed_off(2), accepted(world)
+        new = many(world, 20)
+        assert accepted(world)[1] == before[1]  # new connections all through router 2
+        assert survivors(held) == 20
+        assert world.handed_off(2) > handed  # router 1's packets, via router 2
+        assert int(world.daemons[1].info()["Connections_open"]) == on_r1
+        note(record_property, "drain: connections held on the drained router", on_r1)
+        assert max(new) < 2
+    finally:
+        close_all(held)
+    # What an operator waits for before stopping it: nothing open.
+    wait_for(lambda: world.daemons[1].info()["Connections_open"] == "0", 10, "router 1 drained")
+    world.birdc(world.routers[0], "enable", "uplinks")
+    world.wait_routes([1, 2])
+
+
+def test_failover_and_return(world, record_property):
+    held = hold(world, 40)
+    during: list[socket.socket] = []
+    try:
+        on_r1 = client_ports(world, 1)
+        kept = [s for s in held if s.getsockname()[1] in on_r1]
+        # Router 2 dies; connections keep being opened through the outage.
+        with ThreadPoolExecutor(4) as pool:
+            killed = time.monotonic()
+            world.kill(2)
+            opening = [pool.submit(one_exchange, world, "4", 10) for _ in range(20)]
+            world.wait_routes([1], timeout=10)
+            converged = time.monotonic() - killed
+            durations = [f.result() for f in opening]
+        note(record_property, "failover: routes without router 2 after (s)", round(converged, 2))
+        note(record_property, "failover: connections opened at the kill, slowest (s)",
+             round(max(durations), 2))
+        assert converged < DETECTION + 1.5
+        assert survivors(kept) == len(kept)  # router 1's connections go on
+        before = world.daemons[1].info()["Connections_accepted"]
+        assert max(many(world, 100)) < 1  # after the switch-over: no retransmitted SYN
+        assert int(world.daemons[1].info()["Connections_accepted"]) - int(before) == 100
+
+        # Opened while router 2 is out, all through router 1; then it returns.
+        during = hold(world, 100)
+        handed = world.handed_off(2)
+        back = bring_back(world)
+        note(record_property, "return: routes through both after (s)", round(back, 2))
+        kept_during = survivors(during)
+        note(record_property, "return: connections opened during the outage that survive",
+             f"{kept_during}/100")
+        assert kept_during == 100
+        assert world.handed_off(2) > handed  # router 2 passed their packets to router 1
+        share = spread(world, 100)
+        assert min(share.values()) > 0, share
+    finally:
+        close_all(held + during)
+
+
+def test_return_without_hand_off_breaks_about_half(world, record_property):
+    """The contrast that says why handoff.nft is in the recipe."""
+    world.kill(2)
+    world.wait_routes([1], timeout=10)
+    during = hold(world, 100)
+    try:
+        world.run(world.routers[1], "nft", "delete", "table", "inet", "tcp_intercept_handoff")
+        bring_back(world)
+        kept = survivors(during)
+        note(record_property, "return without hand-off: connections that survive",
+             f"{kept}/100")
+        assert 20 <= kept <= 80  # the half that hashes to router 2 breaks
+    finally:
+        close_all(during)
+        world.run(world.routers[1], "nft", "-f", str(RECIPE / "handoff.nft"))
+
+
+def bring_back(world) -> float:
+    """Router 2 returns as an operator boots it: links, daemon, then BIRD;
+    seconds until both routes go through it again."""
+    world.revive(2)
+    world.daemons[2] = start_proxy(world, 2, name=f"r2-{next(_seeds)}")
+    start = time.monotonic()
+    world.start_bird(world.routers[1])
+    world.wait_routes([1, 2], timeout=15)
+    return time.monotonic() - start
+
+
+def spread(world, count: int) -> dict[int, int]:
+    before = accepted(world)
+    many(world, count)
+    after = accepted(world)
+    return {i: after[i] - before[i] for i in after}
+
