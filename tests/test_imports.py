@@ -15,7 +15,7 @@ PACKAGE = Path(tcp_intercept.__file__).parent
 PATH = {"listener", "limits", "connection", "relay", "pipes", "table", "timeouts",
         "tcpinfo", "summary", "histograms",
         "descriptors", "steering", "sockopts", "address", "config", "evloop", "errors",
-        "counters", "logs", "recipe", "policy", "policy_file", "policy_values"}
+        "counters", "logs", "reclaim", "recipe", "policy", "policy_file", "policy_values"}
 PROCESSES = {"cli", "startup", "master", "worker", "listing", "channel", "handover", "privileges",
              "detach", "liveness", "policy_keeper"}
 OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl", "top"}
