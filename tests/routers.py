@@ -167,8 +167,8 @@ class Routers(Topology):
             for fam, addr in (("-4", v4), ("-6", v6)):
                 if others:
                     hops = [word for h in others for word in ("nexthop", "via", addr(PEERS, h))]
-                    _check(["ip", "-n", ns, fam, "route", "add", "default", *hops,
-                            "table", str(HANDOFF_TABLE)])
+                    _check(["ip", "-n", ns, fam, "route", "add", "default", "table",
+                            str(HANDOFF_TABLE), *hops])
 
     # -- BIRD --------------------------------------------------------------
 
