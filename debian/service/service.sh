@@ -36,6 +36,7 @@ LISTEN_PORT=
 TPROXY_BACKEND=
 TPROXY_FAMILY=
 FAIL=open
+TPROXY_PASS_MARK=
 
 if [ -r /etc/default/tcp-intercept ]; then
     . /etc/default/tcp-intercept
@@ -124,6 +125,7 @@ tcp_intercept_firewall() {
     "$TPROXY" ${TPROXY_BACKEND:+--backend "$TPROXY_BACKEND"} \
         ${TPROXY_FAMILY:+--family "$TPROXY_FAMILY"} ${FAIL:+--fail "$FAIL"} \
         ${POLICY:+--policy "$POLICY"} \
+        ${TPROXY_PASS_MARK:+--pass-mark "$TPROXY_PASS_MARK"} \
         --port "$(tcp_intercept_listen_port)" --mark "$FWMARK" \
         --table "$IP_ROUTE_TABLE_NUMBER" "$1"
 }
