@@ -28,21 +28,29 @@ TCP_CLOSE = 7
 PORT = 7100  # a server of this test's own that never closes its end
 # In the router: the server's packets without SYN to the client's port are
 # lost (the SYN-ACK of a new connection passes).
-LOSE_ACKS = """table ip port_reuse {{
+LOSE_ACKS = """table inet port_reuse {{
     chain prerouting {{
         type filter hook prerouting priority -300; policy accept;
-        ip saddr {server} tcp sport {port} tcp dport {client_port} tcp flags & syn == 0 drop
+        {ip} saddr {server} tcp sport {port} tcp dport {client_port} tcp flags & syn == 0 drop
     }}
 }}
 """
+# (daemon's listening address, the clients' family): a v4 client of a
+# dual-stack listener has a v4-mapped IPv6 socket toward the server.
+CASES = [("[0.0.0.0]:[5000]", "4"), ("[::]:[5000]", "4"), ("[::]:[5000]", "6")]
+IDS = ["ipv4", "ipv4-mapped", "ipv6"]
+
+
+def addresses(topo, family: str) -> tuple[str, str]:
+    return (topo.CLIENT6, topo.SERVER6) if family == "6" else (topo.CLIENT4, topo.SERVER4)
 
 
 @pytest.fixture
 def hold_open(topo):
     """A listener in the server namespace; what it accepts is kept open."""
-    listener = topo.socket(topo.srv)
+    listener = topo.socket(topo.srv, socket.AF_INET6)  # both families
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((topo.SERVER4, PORT))
+    listener.bind(("::", PORT))
     listener.listen(16)
     listener.settimeout(10)
     accepted = []
@@ -52,44 +60,52 @@ def hold_open(topo):
     listener.close()
 
 
-def earlier_socket(topo, client_port: int) -> socket.socket:
+def earlier_socket(topo, family: str, client_port: int) -> socket.socket:
     """In the router: the client's 4-tuple toward PORT, established."""
-    sock = topo.socket(topo.rtr)
+    client, server = addresses(topo, family)
+    sock = topo.socket(topo.rtr, socket.AF_INET6 if family == "6" else socket.AF_INET)
     set_transparent(sock)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((topo.CLIENT4, client_port))
+    sock.bind((client, client_port))
     sock.settimeout(10)
-    sock.connect((topo.SERVER4, PORT))
+    sock.connect((server, PORT))
     return sock
 
 
-def client_from(topo, client_port: int) -> socket.socket:
-    sock = topo.socket(topo.cli)
+def client_from(topo, family: str, client_port: int) -> socket.socket:
+    sock = topo.socket(topo.cli, socket.AF_INET6 if family == "6" else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((topo.CLIENT4, client_port))
+    sock.bind((addresses(topo, family)[0], client_port))
     sock.settimeout(10)
     return sock
 
 
-def router_states(topo, client_port: int) -> str:
-    return topo.run(topo.rtr, "ss", "-tanH", f"src {topo.CLIENT4}:{client_port}").stdout
+def router_states(topo, family: str, client_port: int) -> str:
+    client = addresses(topo, family)[0]
+    client = f"[{client}]" if family == "6" else client
+    return topo.run(topo.rtr, "ss", "-tanH", f"src {client}:{client_port}").stdout
 
 
-def test_orphan_is_reclaimed(topo, start_daemon, hold_open):
+@pytest.mark.parametrize(("listen", "family"), CASES, ids=IDS)
+def test_orphan_is_reclaimed(topo, start_daemon, hold_open, listen, family):
     listener, accepted = hold_open
-    daemon = start_daemon("-B", "client", control=True, log_file=True)
-    client_port = 41001
-    earlier = earlier_socket(topo, client_port)
+    daemon = start_daemon("-B", "client", listen=listen, control=True, log_file=True)
+    client_port = 41001 + CASES.index((listen, family))
+    client_addr, server_addr = addresses(topo, family)
+    earlier = earlier_socket(topo, family, client_port)
     accepted.append(listener.accept()[0])
     topo.run(topo.rtr, "nft", "-f", "-", input=LOSE_ACKS.format(
-        server=topo.SERVER4, port=PORT, client_port=client_port))
-    earlier.close()  # FIN, never acknowledged
-    wait_for(lambda: "FIN-WAIT-1" in router_states(topo, client_port), 5, "the orphan")
-
-    client = client_from(topo, client_port)
-    client.connect((topo.SERVER4, PORT))
-    daemon.wait_log("port reuse")
-    topo.run(topo.rtr, "nft", "delete", "table", "ip", "port_reuse")
+        ip="ip6" if family == "6" else "ip", server=server_addr, port=PORT,
+        client_port=client_port))
+    try:
+        earlier.close()  # FIN, never acknowledged
+        wait_for(lambda: "FIN-WAIT-1" in router_states(topo, family, client_port), 5,
+                 "the orphan")
+        client = client_from(topo, family, client_port)
+        client.connect((server_addr, PORT))
+        daemon.wait_log("port reuse")
+    finally:
+        topo.run(topo.rtr, "nft", "delete", "table", "inet", "port_reuse")
     data = payload(100_000, seed=1)
     client.sendall(data)
     client.shutdown(socket.SHUT_WR)
@@ -99,7 +115,8 @@ def test_orphan_is_reclaimed(topo, start_daemon, hold_open):
     while chunk := server_end.recv(65536):
         got += chunk
     assert sha256(got) == sha256(data)
-    assert server_end.getpeername() == (topo.CLIENT4, client_port)
+    peer = server_end.getpeername()
+    assert (peer[0].removeprefix("::ffff:"), peer[1]) == (client_addr, client_port)
     client.close()
 
     info = daemon.info()
@@ -114,11 +131,11 @@ def test_orphan_is_reclaimed(topo, start_daemon, hold_open):
 def test_live_socket_is_not_taken(topo, start_daemon, hold_open):
     listener, accepted = hold_open
     daemon = start_daemon("-B", "client", control=True, log_file=True)
-    client_port = 41002
-    earlier = earlier_socket(topo, client_port)
+    client_port = 41010
+    earlier = earlier_socket(topo, "4", client_port)
     try:
         accepted.append(listener.accept()[0])
-        client = client_from(topo, client_port)
+        client = client_from(topo, "4", client_port)
         client.connect((topo.SERVER4, PORT))  # the daemon accepts, then refuses
         with pytest.raises(ConnectionResetError):
             client.recv(1)
