@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Two proxy routers against one, in the same run: contrib/multi-router.
 
-    bench/multirouter.sh [--rounds N] [--quick]
+    bench/multirouter.sh [--rounds N] [--quick | --smoke] [--out DIR]
 
 Each round builds the multi-router world of tests/routers.py twice, with
 one proxy router and with two (ECMP at the edge and the core, hash policy 3,
@@ -45,7 +45,8 @@ from bench.run import raise_descriptor_limit, tune_client  # noqa: E402
 from tests.routers import Routers  # noqa: E402
 
 PROFILES = {"full": {"rate_s": 5, "iperf_s": 5, "rounds": 3},
-            "quick": {"rate_s": 3, "iperf_s": 3, "rounds": 1}}
+            "quick": {"rate_s": 3, "iperf_s": 3, "rounds": 1},
+            "smoke": {"rate_s": 1, "iperf_s": 1, "rounds": 1}}  # tests/test_bench_smoke.py
 STREAMS = 8
 
 
@@ -70,9 +71,10 @@ def measure(count: int, profile: dict, workdir: Path, tag: str) -> dict:
         rate["per_router"] = [int(d.info()["Connections_accepted"]) for d in daemons]
         bulk = iperf(world, profile["iperf_s"])
         bulk["per_router_c2s"] = [int(d.info()["Bytes_c2s"]) for d in daemons]
-        for daemon in daemons:
-            daemon.stop()
-        return {"routers": count, "rate": rate, "bulk": bulk}
+        alive = all(d.alive() for d in daemons)
+        status = [daemon.stop() for daemon in daemons]
+        return {"routers": count, "rate": rate, "bulk": bulk, "daemons_alive_at_end": alive,
+                "daemon_exit_status": status}
 
 
 def iperf(world: Routers, seconds: int) -> dict:
@@ -128,10 +130,12 @@ def table(summary: dict, rounds: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--quick", action="store_true")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true")
+    size.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    profile = PROFILES["quick" if args.quick else "full"]
+    profile = PROFILES["quick" if args.quick else "smoke" if args.smoke else "full"]
     rounds = args.rounds or profile["rounds"]
     raise_descriptor_limit(1000)
     signal.alarm(int(rounds * 2 * (profile["rate_s"] + profile["iperf_s"] + 60)))

@@ -154,14 +154,19 @@ class Routers(Topology):
         _check(["ip", "-n", ns, "-6", "route", "add", net6, "via", via6])
 
     def _static_routes(self) -> None:
-        """What BIRD installs, once, by hand: ECMP in address order."""
+        """The routes BIRD would install, once, as nexthop groups (the
+        recipe's other form): the proxy routers in address order."""
         hosts = range(11, 11 + self.count)
         for ns, net4, net6, side in ((self.edge, "default", "default", OUTSIDE),
                                      (self.core, f"{v4(CLIENTS, 0)}/24",
                                       f"{v6(CLIENTS, 0)}/64", INSIDE)):
-            for fam, net, addr in (("-4", net4, v4), ("-6", net6, v6)):
-                hops = [word for h in hosts for word in ("nexthop", "via", addr(side, h))]
-                _check(["ip", "-n", ns, fam, "route", "add", net, *hops])
+            for base, fam, net, addr in ((100, "-4", net4, v4), (200, "-6", net6, v6)):
+                for h in hosts:
+                    _check(["ip", "-n", ns, fam, "nexthop", "add", "id", str(base + h), "via",
+                            addr(side, h), "dev", "lan"])
+                _check(["ip", "-n", ns, "nexthop", "add", "id", str(base), "group",
+                        "/".join(str(base + h) for h in hosts)])
+                _check(["ip", "-n", ns, fam, "route", "add", net, "nhid", str(base)])
         for i, ns in enumerate(self.routers, 1):
             others = [h for h in hosts if h != 10 + i]
             for fam, addr in (("-4", v4), ("-6", v6)):

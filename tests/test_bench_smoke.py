@@ -67,3 +67,22 @@ def test_the_record_says_where_and_how_it_was_measured(record):
     assert record["daemon_args"] == "-f -q -B client"
     assert record["profile"] == "smoke" and "--smoke" in record["command"]
     assert [t["metric"] for t in record["targets"]], "no target was evaluated"
+
+
+def test_the_multi_router_bench_runs_end_to_end(tmp_path):
+    """bench/multirouter.py --smoke: one and two proxy routers, no failure,
+    the second world's connections on both routers."""
+    need_root()
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "multirouter.py"), "--smoke",
+                             "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=BOUND, check=False)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    [path] = tmp_path.glob("multirouter-*.json")
+    record = json.loads(path.read_text())
+    assert [r["routers"] for r in record["raw"]] == [1, 2]
+    for world in record["raw"]:
+        assert world["rate"]["completed"] > 0 and world["rate"]["errors"] == 0, world
+        assert world["bulk"]["gbps"] > 0
+        assert world["daemons_alive_at_end"] and set(world["daemon_exit_status"]) == {0}
+    [shares] = record["summary"]["connection_shares"]
+    assert min(shares) > 0, shares
