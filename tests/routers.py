@@ -175,6 +175,14 @@ class Routers(Topology):
                     _check(["ip", "-n", ns, fam, "route", "add", "default", "table",
                             str(HANDOFF_TABLE), *hops])
 
+    def route_through(self, routers: list[int]) -> None:
+        """Without BIRD: the edge's and the core's groups become routers
+        (1..N), in order, as BIRD would make them when BFD says so."""
+        for ns in (self.edge, self.core):
+            for base in (100, 200):
+                self.run(ns, "ip", "nexthop", "replace", "id", str(base), "group",
+                         "/".join(str(base + 10 + i) for i in routers))
+
     # -- BIRD --------------------------------------------------------------
 
     def bird_conf(self, ns: str) -> Path:

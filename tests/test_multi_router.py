@@ -228,6 +228,46 @@ def test_return_without_hand_off_breaks_about_half(world, record_property):
         world.run(world.routers[1], "nft", "-f", str(RECIPE / "handoff.nft"))
 
 
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    """Three proxy routers; static nexthop groups that the test changes as
+    BFD would (the failover itself is the two-router world's business)."""
+    need_root()
+    with Routers(routers=3, bird=False, workdir=tmp_path_factory.mktemp("three")) as routers:
+        routers.daemons = {i: start_proxy(routers, i) for i in (1, 2, 3)}
+        with PeerServer(routers) as peers:
+            routers.peers = peers
+            yield routers
+
+
+def test_three_routers_the_first_dies_and_returns(three, record_property):
+    """The first of three dies: the kernel's hash-threshold ECMP moves some
+    of the second's connections to the third, whose hand-off passes their
+    packets back; when the first returns, the connections opened meanwhile
+    that now hash to it are handed on too. (Without the hand-off, measured
+    by hand: 36 of 57 and 40 of 90 survived.)"""
+    held = hold(three, 90)
+    during: list[socket.socket] = []
+    try:
+        on_first = client_ports(three, 1)
+        others = [s for s in held if s.getsockname()[1] not in on_first]
+        handed = three.handed_off(3)
+        three.kill(1)
+        three.route_through([2, 3])
+        assert survivors(others) == len(others)
+        assert three.handed_off(3) > handed  # some of router 2's went by router 3
+        during = hold(three, 90)
+        three.revive(1)
+        three.daemons[1] = start_proxy(three, 1, name=f"r1-{next(_seeds)}")
+        three.route_through([1, 2, 3])
+        kept = survivors(during)
+        note(record_property, "three routers, the first back: opened meanwhile that survive",
+             f"{kept}/90")
+        assert kept == 90
+    finally:
+        close_all(held + during)
+
+
 def bring_back(world) -> float:
     """Router 2 returns as an operator boots it: links, daemon, then BIRD;
     seconds until both routes go through it again."""
