@@ -8,8 +8,9 @@ keeps its connections until they end; a router that dies leaves the routes
 within BFD's detection time and new connections go through the other; when
 it comes back, the connections opened meanwhile survive (its hand-off sends
 their packets to the router that holds them), and without the hand-off
-about half of them break. The measured numbers are printed (-s) and kept as
-the tests' properties.
+about half of them break. With three routers (static groups changed as BFD
+would), the first one's death and return lose nothing either. The measured
+numbers are printed (-s) and kept as the tests' properties.
 """
 
 from __future__ import annotations
