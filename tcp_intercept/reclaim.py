@@ -46,16 +46,27 @@ LISTEN = 10
 
 
 class Held(Exception):
-    """The 4-tuple is not free and cannot be taken back; says why."""
+    """The 4-tuple is not free and cannot be taken back; says why (the
+    kernel's error number in `code`, when it gave one)."""
+
+    def __init__(self, why: str, code: int = 0):
+        super().__init__(why)
+        self.code = code
 
 
 def take_back(family: int, local: tuple, remote: tuple) -> str:
     """Destroy the orphaned TCP socket whose 4-tuple is local -> remote; its
-    state's name, for the log. Held when there is no orphan to destroy (a
-    process holds the socket, it listens, or the kernel refuses)."""
+    state's name, for the log ("gone already" if no socket has it any more).
+    Held when a socket has it that is not an orphan (a process holds it, or
+    it listens), or the kernel refuses."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                        NETLINK_SOCK_DIAG) as nl:
-        reply = _ask(nl, SOCK_DIAG_BY_FAMILY, 0, _request(family, local, remote, None))
+        try:
+            reply = _ask(nl, SOCK_DIAG_BY_FAMILY, 0, _request(family, local, remote, None))
+        except Held as err:
+            if err.code != errno.ENOENT:
+                raise
+            return "gone already"  # it closed meanwhile: connect again
         state, inode, cookie = _parse(reply)
         name = STATES.get(state, str(state))
         if inode != 0 or state == LISTEN:
@@ -90,7 +101,7 @@ def _ask(nl: socket.socket, kind: int, flags: int, body: bytes) -> bytes:
         code = -struct.unpack_from("=i", payload)[0]
         if code:
             why = "no such socket" if code == errno.ENOENT else os.strerror(code)
-            raise Held(f"{'destroying' if flags else 'looking up'} the socket: {why}")
+            raise Held(f"{'destroying' if flags else 'looking up'} the socket: {why}", code)
     return payload
 
 
