@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -140,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     raise_descriptor_limit(1000)
     signal.alarm(int(rounds * 2 * (profile["rate_s"] + profile["iperf_s"] + 60)))
     workdir = Path(tempfile.mkdtemp(prefix="multirouter-"))
+    say(f"daemons' output: {workdir}")
     raw = []
     for rnd in range(rounds):
         for count in ((1, 2) if rnd % 2 == 0 else (2, 1)):
             say(f"  round {rnd + 1}/{rounds}: {count} proxy router(s)")
             raw.append(measure(count, profile, workdir, f"m{rnd}-{count}"))
+    shutil.rmtree(workdir)  # the daemons' output; kept when a round failed
     summary = summarize(raw)
     print(table(summary, rounds))
     args.out.mkdir(parents=True, exist_ok=True)
