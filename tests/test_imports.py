@@ -72,3 +72,9 @@ def test_the_connection_path_imports_no_process_or_operator_module():
 def test_nothing_imports_cli_and_errors_imports_nothing():
     assert [m for m in GRAPH if "cli" in GRAPH[m]] == ["__main__"]
     assert GRAPH["errors"] == set()
+
+
+def test_the_readme_map_names_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    missing = [m for m in GRAPH if not m.startswith("__") and f"        {m}.py " not in readme]
+    assert not missing, f"README's How it works does not list {missing}"
