@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/mptcp.py [--seconds S] [--rate RATE] [--burst B] [--latency L]
 
-Builds the world of tests/mptcp_world.py (router and server joined by two
+Builds the world of lab/mptcp_world.py (router and server joined by two
 links, each shaped to RATE with tc tbf both ways, a bucket of B and up to L
 of queue; the server listens with
 MPTCP and announces its second address) and uploads from a plain TCP client
@@ -45,8 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload  # noqa: E402
-from tests.topology import Daemon  # noqa: E402
+from lab.mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload  # noqa: E402
+from lab.topology import Daemon  # noqa: E402
 
 RTT = re.compile(r"\brtt:([\d.]+)/")
 DROPPED = re.compile(r"\(dropped (\d+),")

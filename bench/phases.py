@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.netns import terminate
-from tests.topology import Daemon, Topology, TopologyError, wait_for
+from lab.netns import terminate
+from lab.topology import Daemon, Topology, TopologyError, wait_for
 
 from . import procfs
 

@@ -5,7 +5,7 @@
                  [--daemon-args "-f -q -B client"]
 
 Each round measures both paths, each in a topology of its own
-(tests/topology.py: client, router and server namespaces, random names):
+(lab/topology.py: client, router and server namespaces, random names):
 
     direct   Topology(tproxy=False): the router only forwards.
     proxied  the same topology with the interception rules (contrib/tproxy.sh
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import procfs, report  # noqa: E402
 from bench.phases import ECHO_PORT, ECHO_SERVER, IPERF_PORT, PHASES, Profile, World  # noqa: E402
-from tests.topology import Daemon, Topology, TopologyError, inside  # noqa: E402
+from lab.topology import Daemon, Topology, TopologyError, inside  # noqa: E402
 
 PROFILES = {
     # iperf3 s, omit s, rate s, pings, warm-up, idle conns, concurrent conns

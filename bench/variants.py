@@ -5,7 +5,7 @@
                       [--rounds N] [--quick]
                       [--together]
 
-Each round builds a fresh topology per path (tests/topology.py), the
+Each round builds a fresh topology per path (lab/topology.py), the
 direct path and every variant of the preset, in an order that is reversed
 every other round, and measures the connection-rate phase (32 in flight,
 connect, 100 B each way, close, `-B client`) and one iperf3 stream client
@@ -64,7 +64,7 @@ from bench.nocount import stubbed_copy  # noqa: E402
 from bench.policy import MANY_PREFIXES, ONE_RULE, write_policies  # noqa: E402
 from bench.phases import ECHO_PORT, ECHO_SERVER, GB, Profile, World, iperf  # noqa: E402
 from bench.run import raise_descriptor_limit, tune_client  # noqa: E402
-from tests.topology import Daemon, Topology  # noqa: E402
+from lab.topology import Daemon, Topology  # noqa: E402
 
 BASE = ["-B", "client"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.peers import ECHO, PeerServer, exchange, payload, sha256  # noqa: E402
-from tests.topology import TPROXY_SH, Daemon, Topology  # noqa: E402
+from lab.peers import ECHO, PeerServer, exchange, payload, sha256  # noqa: E402
+from lab.topology import TPROXY_SH, Daemon, Topology  # noqa: E402
 
 TIME_LIMIT = 30  # seconds for the whole demo, teardown included
 HTTP_PORT = 8080

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/ruff check tcp_intercept tests bench scripts
+.venv/bin/ruff check tcp_intercept lab tests bench scripts
 exec .venv/bin/python -m pytest -p no:cacheprovider "$@"

@@ -6,6 +6,11 @@ module gets its own (module scope) and tests that change the daemon's life
 daemon started here is stopped in a finalizer, TERM then KILL, and the
 output of each daemon still running when a test fails is attached to the
 report.
+
+Markers, set here from what a test asks for: a test that needs root (the
+``as_root`` fixture, which every namespace fixture depends on) is ``netns``;
+every other test is ``unit`` and runs without root in seconds
+(``pytest -m unit``).
 """
 
 from __future__ import annotations
@@ -14,27 +19,34 @@ import os
 
 import pytest
 
-from .peers import PeerServer
-from .topology import Daemon, Topology
+from lab.peers import PeerServer
+from lab.topology import Daemon, Topology
 
 # Daemons started through the fixtures and not yet stopped, for the report.
 _RUNNING: list[Daemon] = []
 REPORT_LINES = 200
 
 
-def need_root() -> None:
-    """Fail (not skip) a test that needs namespaces when not root; the bench
-    smoke test, which builds its namespaces through bench/run.py, calls it too."""
+@pytest.fixture(scope="session")
+def as_root() -> None:
+    """Fail (not skip) a test that needs namespaces when not root; a test that
+    builds its namespaces some other way (the bench smoke test) asks for it too."""
     if os.geteuid() != 0:
         pytest.fail("the integration tests build network namespaces and run the "
-                    "daemon with IP_TRANSPARENT: run them as root", pytrace=False)
+                    "daemon with IP_TRANSPARENT: run them as root (or only the "
+                    "unit tests: pytest -m unit)", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by them
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        item.add_marker("netns" if "as_root" in item.fixturenames else "unit")
 
 
 @pytest.fixture(scope="module")
-def topo(request):
+def topo(request, as_root):
     """Client, router (TPROXY to port 5000) and server namespaces; a module
     that needs another world names its factory in a module-level WORLD."""
-    need_root()
     with getattr(request.module, "WORLD", Topology)() as world:
         yield world
 

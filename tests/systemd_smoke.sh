@@ -44,7 +44,7 @@ NS_C=tsd$ID-c NS_R=tsd$ID-r NS_S=tsd$ID-s
 CT=$NS_R # the container: the router
 WORK=$(mktemp -d /tmp/tsd-smoke.XXXXXX)
 export NSPAWN_LOGS=$WORK
-# Topology's addresses (tests/topology.py), in namespaces of our own.
+# Topology's addresses (lab/topology.py), in namespaces of our own.
 CLIENT=10.91.1.2 ROUTER_C=10.91.1.1 ROUTER_S=10.91.2.1 SERVER=10.91.2.2
 SERVER_PORT=7070
 LOG=/var/log/tcp-intercept/tcp-intercept.log # in the container

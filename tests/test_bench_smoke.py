@@ -15,8 +15,7 @@ import sys
 
 import pytest
 
-from .conftest import need_root
-from .topology import REPO
+from lab.topology import REPO
 
 BOUND = 120  # seconds for the whole smoke run, teardown included
 BOTH = ("c2s_1_gbps", "s2c_1_gbps", "c2s_8_gbps", "s2c_8_gbps", "conn_per_s",
@@ -27,8 +26,7 @@ ERRORS = ("rate_errors", "idle_errors", "concurrent_errors")
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory):
-    need_root()
+def record(as_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke",
                              "--concurrent", "200", "--out", str(out)],

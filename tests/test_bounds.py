@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from .peers import ECHO, exchange, payload, sha256
-from .test_workers import owners
-from .topology import wait_for
+from lab.peers import ECHO, exchange, payload, sha256
+from lab.ss import owners
+from lab.topology import wait_for
 
 SILENT = 7100  # in the server namespace, SYNs to it are dropped (no answer at all)
 CLIENT_B = "10.91.1.3"  # a second client address

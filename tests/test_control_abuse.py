@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tcp_intercept.listing import CONNS_SLICE
 
-from .peers import ECHO, exchange, payload, sha256
-from .topology import inside, wait_for
+from lab.peers import ECHO, exchange, payload, sha256
+from lab.topology import inside, wait_for
 
 
 def unix_client(path) -> socket.socket:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .peers import ECHO, REFUSED, RESET, exchange, payload, sha256
-from .topology import pid_alive, wait_for
+from lab.peers import ECHO, REFUSED, RESET, exchange, payload, sha256
+from lab.topology import pid_alive, wait_for
 
 
 def relay_once(topo, peers, seed: int) -> str:

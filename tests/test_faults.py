@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from .intercept import REPO, Daemon
-from .peers import ECHO
+from lab.intercept import REPO, Daemon
+from lab.peers import ECHO
 
 NO_CAPABILITY = {
     "bounding set without CAP_NET_ADMIN and CAP_NET_RAW":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-from .peers import PORTS, exchange, payload, sha256
+from lab.peers import PORTS, exchange, payload, sha256
 
 
 def test_client_whose_source_port_is_the_listening_port(topo, peers, start_daemon):

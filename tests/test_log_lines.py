@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .load import ShortConnections
-from .peers import ECHO, REFUSED, exchange, payload, sha256
-from .topology import wait_for
+from lab.load import ShortConnections
+from lab.peers import ECHO, REFUSED, exchange, payload, sha256
+from lab.topology import wait_for
 
 STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})"
 ADDR = r"\[[0-9a-f.:]+\]:\d+"

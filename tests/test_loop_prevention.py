@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from .peers import PeerServer, exchange, payload, sha256
+from lab.peers import PeerServer, exchange, payload, sha256
 
 CASES = [
     ("[0.0.0.0]:[5000]", "127.0.0.1"),

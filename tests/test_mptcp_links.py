@@ -26,10 +26,10 @@ import socket
 
 import pytest
 
-from .intercept import Daemon
-from .mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload
-from .netns import wait_for
-from .test_ss_view import ss
+from lab.intercept import Daemon
+from lab.mptcp_world import SINK_PORT, MptcpSink, MptcpWorld, Transfer, upload
+from lab.netns import wait_for
+from lab.ss import ss
 
 SECONDS = 3.0
 ONE_LINK = (150, 205)  # Mbit/s a single TCP flow gets through a 200 Mbit/s token bucket

@@ -16,9 +16,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .intercept import REPO
-from .peers import ECHO, REFUSED, RESET, exchange, payload, sha256
-from .topology import inside, wait_for
+from lab.intercept import REPO
+from lab.peers import ECHO, REFUSED, RESET, exchange, payload, sha256
+from lab.topology import inside, wait_for
 
 METRICS = "[127.0.0.1]:[9105]"
 CLEAN, HELD = 6, 4

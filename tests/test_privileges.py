@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from .intercept import REPO
-from .peers import ECHO, exchange, payload, sha256
-from .topology import pid_alive, wait_for
+from lab.intercept import REPO
+from lab.peers import ECHO, exchange, payload, sha256
+from lab.topology import pid_alive, wait_for
 
 NOBODY = pwd.getpwnam("nobody")
 CAP_NET_ADMIN = 1 << 12

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .peers import payload, sha256
+from lab.peers import payload, sha256
 
 HTTP_PORT, SSH_PORT = 8080, 2222
 FAMILIES = ["4", "6"]

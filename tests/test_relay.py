@@ -16,9 +16,9 @@ import pytest
 
 from tcp_intercept.pipes import PipePool
 
-from .peers import (DIGEST, ECHO, FIRST, GREETING, REFUSED, RESET, abort, echo_burst, exchange,
+from lab.peers import (DIGEST, ECHO, FIRST, GREETING, REFUSED, RESET, abort, echo_burst, exchange,
                     payload, read_to_eof, sha256)
-from .topology import wait_for
+from lab.topology import wait_for
 
 WORLDS = [("4", "default"), ("6", "default"), ("4", "client"), ("6", "client")]
 

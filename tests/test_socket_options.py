@@ -11,7 +11,7 @@ import pytest
 
 from tcp_intercept.config import Keepalive
 
-from .peers import ECHO, exchange, payload, sha256
+from lab.peers import ECHO, exchange, payload, sha256
 
 IPPROTO_MPTCP = 262
 TCP_USER_TIMEOUT = 18

@@ -13,51 +13,14 @@ probes, or after the user timeout, and the daemon resets the client.
 from __future__ import annotations
 
 import contextlib
-import re
 import socket
 import time
-from dataclasses import dataclass
 
 import pytest
 
-from .netns import wait_for
-from .peers import ECHO
-
-TIMER = re.compile(r"timer:\((\w+),([\d.]+)(m?s|sec),(\d+)\)")
-
-
-@dataclass(frozen=True)
-class SsLine:
-    """One TCP socket as `ss -Htinop` prints it (first line and info line)."""
-    local: str
-    peer: str
-    owner: str
-    info: str
-
-    @property
-    def congestion(self) -> str:
-        known = {"reno", "cubic", "bbr"}
-        return next((word for word in self.info.split() if word in known), "")
-
-    @property
-    def timer(self) -> tuple[str, float, int] | None:
-        """(name, seconds left, probes or retransmissions sent), if a timer runs."""
-        found = TIMER.search(self.owner)
-        if not found:
-            return None
-        name, value, unit, count = found.groups()
-        return name, float(value) / (1000 if unit == "ms" else 1), int(count)
-
-
-def ss(topo) -> list[SsLine]:
-    """The router's established TCP sockets, as an operator lists them."""
-    out = topo.run(topo.rtr, "ss", "-Htinop", "state", "established").stdout
-    lines, found = out.splitlines(), []
-    for first, info in zip(lines[::2], lines[1::2], strict=True):
-        recv_q, send_q, local, peer, rest = first.split(None, 4)
-        found.append(SsLine(local, peer, rest, info.strip()))
-    return found
-
+from lab.netns import wait_for
+from lab.peers import ECHO
+from lab.ss import SsLine, ss
 
 def sides(topo, daemon, client_port: int) -> tuple[SsLine, SsLine]:
     """(accepted, outgoing): the daemon's two sockets of one connection."""

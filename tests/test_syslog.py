@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 
-from .intercept import REPO
-from .peers import ECHO, exchange, payload, sha256
-from .topology import listens, pid_alive, terminate, wait_for
+from lab.intercept import REPO
+from lab.peers import ECHO, exchange, payload, sha256
+from lab.topology import listens, pid_alive, terminate, wait_for
 
 # In a private mount namespace: a tmpfs over /dev holding the nodes the
 # daemon needs (bound from the real /dev) and our socket as /dev/log.

@@ -17,8 +17,8 @@ import shutil
 
 import pytest
 
-from .peers import ECHO, exchange, payload, sha256
-from .topology import TPROXY_SH, Topology
+from lab.peers import ECHO, exchange, payload, sha256
+from lab.topology import TPROXY_SH, Topology
 
 BACKENDS = ["iptables", "nft"]
 FAMILIES = ["4", "6"]

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from .intercept import REPO
-from .load import ShortConnections
-from .peers import ECHO, payload, sha256
-from .topology import pid_alive, wait_for
+from lab.intercept import REPO
+from lab.load import ShortConnections
+from lab.peers import ECHO, payload, sha256
+from lab.topology import pid_alive, wait_for
 
 
 class Trickle(threading.Thread):

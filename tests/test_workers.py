@@ -5,32 +5,16 @@ what they meant with one process."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
 import threading
 import time
 
-from .intercept import REPO
-from .peers import ECHO, exchange, payload, read_to_eof, sha256
-from .topology import pid_alive, wait_for
-
-OWNER = re.compile(r"pid=(\d+),")
-
-
-def owners(topo, client: str) -> dict[int, int]:
-    """Which process owns the router's sockets accepted from client: {pid: count}
-    (`ss -tnp`, as an operator asks)."""
-    out = topo.run(topo.rtr, "ss", "-Htnp", "state", "established").stdout
-    found: dict[int, int] = {}
-    for line in out.splitlines():
-        fields = line.split()
-        if fields[3].rsplit(":", 1)[0].strip("[]") == client:  # the peer is the client
-            for pid in {int(p) for p in OWNER.findall(line)}:
-                found[pid] = found.get(pid, 0) + 1
-    return found
-
+from lab.intercept import REPO
+from lab.peers import ECHO, exchange, payload, read_to_eof, sha256
+from lab.ss import owners
+from lab.topology import pid_alive, wait_for
 
 def test_connections_land_on_both_workers(topo, peers, start_daemon):
     daemon = start_daemon("-w", "2")

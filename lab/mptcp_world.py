@@ -31,7 +31,7 @@ back over the link they came from; only the first subflow, spoofed with -B
 client, goes back through the server's default route (link 1).
 
 The sink (MptcpSink) runs as a process of its own in the server namespace
-(``python -m tests.mptcp_world sink PORT``), listening with IPPROTO_MPTCP so
+(``python -m lab.mptcp_world sink PORT``), listening with IPPROTO_MPTCP so
 it also takes plain TCP. For each connection it reports one JSON line: the
 peer it saw, bytes, seconds from the first byte to EOF, the most subflows
 MPTCP_INFO showed, and each subflow's addresses (MPTCP_SUBFLOW_ADDRS).
@@ -147,7 +147,7 @@ class MptcpSink:
         self.stop()
 
     def start(self, timeout: float = 10) -> MptcpSink:
-        self.proc = self.world.popen(self.world.srv, sys.executable, "-m", "tests.mptcp_world",
+        self.proc = self.world.popen(self.world.srv, sys.executable, "-m", "lab.mptcp_world",
                                      "sink", str(self.port), cwd=str(REPO),
                                      stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()

@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .peers import PORTS, echo_burst, exchange, payload, sha256
-from .topology import Daemon, Topology
+from lab.peers import PORTS, echo_burst, exchange, payload, sha256
+from lab.topology import Daemon, Topology
 
 # A worker's own descriptors (stdio, listener, channel to the master,
 # epoll, eventfd, the reserve: descriptors.py) and room for 8 connections
