@@ -12,8 +12,11 @@ forwarding and intercepting with TPROXY::
 Client and server both route everything through the router, so the server's
 answers to a spoofed (``-B client``) connection come back through the daemon.
 The addresses are the same in every topology: each lives in namespaces of
-its own (``ti`` + 6 random hex digits + role), so topologies never meet, and
-nothing is changed outside them.
+its own (``ti<pid>x<6 random hex digits>-<role>``, pid being the process
+that built it), so topologies never meet, and nothing is changed outside
+them. A run killed before its teardown leaves its namespaces behind;
+sweep_stale() deletes those whose building process is gone, and never a
+live run's (other runs of the suite may share the machine).
 
 Every process started here is remembered and stopped by its pid (TERM, then
 KILL) when the topology goes down, even after a failure. Every wait is a
@@ -23,6 +26,8 @@ bounded poll. No pytest in here: the demo and the bench import it too.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import secrets
 import socket
 import subprocess
@@ -34,9 +39,10 @@ from .netns import TopologyError, inside, listens, pid_alive, terminate, wait_fo
 
 # Daemon and the primitives are part of what importers of this module use.
 __all__ = ["REPO", "TPROXY_SH", "Daemon", "Topology", "TopologyError", "inside", "pid_alive",
-           "wait_for"]
+           "sweep_stale", "wait_for"]
 
 TPROXY_SH = REPO / "contrib" / "tproxy.sh"
+NAME = re.compile(r"ti(\d+)x[0-9a-f]{6}-\w+")  # what Topology names its namespaces
 
 
 class Topology:
@@ -51,7 +57,7 @@ class Topology:
     CLIENT6, ROUTER6_C, ROUTER6_S, SERVER6 = "fd91:1::2", "fd91:1::1", "fd91:2::1", "fd91:2::2"
 
     def __init__(self, port: int = 5000, tproxy: bool = True):
-        self.tag = "ti" + secrets.token_hex(3)
+        self.tag = f"ti{os.getpid()}x{secrets.token_hex(3)}"
         self.cli, self.rtr, self.srv = (f"{self.tag}-{role}" for role in ("cli", "rtr", "srv"))
         self.port = port
         self.tproxy = tproxy
@@ -145,15 +151,9 @@ class Topology:
         # Anything still in our namespaces was started by us (a grandchild,
         # a daemonized child): stop it by pid before the namespace goes.
         for ns in self._made:
-            with contextlib.suppress(Exception):
-                out = subprocess.run(["ip", "netns", "pids", ns], check=False,
-                                     capture_output=True, text=True, timeout=10).stdout
-                for pid in map(int, out.split()):
-                    terminate(pid)
+            _empty(ns)
         for ns in reversed(self._made):
-            with contextlib.suppress(Exception):
-                subprocess.run(["ip", "netns", "del", ns], check=False,
-                               capture_output=True, timeout=10)
+            _delete(ns)
         self._procs.clear()
         self._pids.clear()
         self._made.clear()
@@ -214,6 +214,41 @@ class Topology:
             sock.close()
             raise
         return sock
+
+
+def sweep_stale() -> list[str]:
+    """Delete the namespaces a Topology built in a process that is gone (a
+    killed run), stopping what still runs in them first; the names deleted.
+
+    Only names of Topology's own pattern whose pid no longer lives: a live
+    run's namespaces (its pid alive) are never touched, nor anyone else's. A
+    pid reused since by another process keeps its namespaces for now, the
+    safe side. Never raises.
+    """
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return []
+    stale = [ns for ns in names
+             if (found := NAME.fullmatch(ns)) and not pid_alive(int(found[1]))]
+    for ns in stale:
+        _empty(ns)
+        _delete(ns)
+    return stale
+
+
+def _empty(ns: str) -> None:
+    """Stop by pid whatever still runs in ns (a grandchild, a detached daemon)."""
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["ip", "netns", "pids", ns], check=False,
+                             capture_output=True, text=True, timeout=10).stdout
+        for pid in map(int, out.split()):
+            terminate(pid)
+
+
+def _delete(ns: str) -> None:
+    with contextlib.suppress(Exception):
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True, timeout=10)
 
 
 def _check(cmd: list[str]) -> None:

@@ -16,11 +16,12 @@ every other test is ``unit`` and runs without root in seconds
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
 from lab.peers import PeerServer
-from lab.topology import Daemon, Topology
+from lab.topology import Daemon, Topology, sweep_stale
 
 # Daemons started through the fixtures and not yet stopped, for the report.
 _RUNNING: list[Daemon] = []
@@ -30,11 +31,16 @@ REPORT_LINES = 200
 @pytest.fixture(scope="session")
 def as_root() -> None:
     """Fail (not skip) a test that needs namespaces when not root; a test that
-    builds its namespaces some other way (the bench smoke test) asks for it too."""
+    builds its namespaces some other way (the bench smoke test) asks for it too.
+    Once per run, the namespaces of a killed run (never a live one's) go."""
     if os.geteuid() != 0:
         pytest.fail("the integration tests build network namespaces and run the "
                     "daemon with IP_TRANSPARENT: run them as root (or only the "
                     "unit tests: pytest -m unit)", pytrace=False)
+    stale = sweep_stale()
+    if stale:
+        warnings.warn(f"deleted {len(stale)} namespaces left by a killed run: {' '.join(stale)}",
+                      stacklevel=1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by them
