@@ -85,6 +85,37 @@ wait_for() {
 	done
 }
 
+# stop_all_in NS: TERM, then KILL, every process still in namespace NS.
+stop_all_in() {
+	local pids
+	pids=$(ip netns pids "$1" 2>/dev/null) || return 0
+	[ -n "$pids" ] || return 0
+	# shellcheck disable=SC2086 # one pid a word
+	kill -TERM $pids 2>/dev/null
+	for _ in $(seq 50); do
+		[ -n "$(ip netns pids "$1" 2>/dev/null)" ] || return 0
+		sleep 0.1
+	done
+	# shellcheck disable=SC2046
+	kill -KILL $(ip netns pids "$1" 2>/dev/null) 2>/dev/null
+}
+
+# The package's scripts run where apt runs: in the host's namespaces. Before
+# the purge, the settings keep its init script off the host's firewall...
+hands_off_the_firewall() {
+	[ ! -f "$DEFAULTS" ] || sed -i 's/^CONTROL_\(NETWORK\|IPTABLES\)=.*/CONTROL_\1=0/' "$DEFAULTS"
+}
+# ... and the purge runs with a policy-rc.d that forbids every action, bound
+# over the host's in a mount namespace of its own (the host's file is never
+# changed), whatever the host's own policy-rc.d allows.
+purge() {
+	# shellcheck disable=SC2016 # for sh -c
+	unshare --mount --propagation private sh -c \
+		'printf "#!/bin/sh\nexit 101\n" >"$0" && chmod 755 "$0" &&
+		 mount --bind "$0" /usr/sbin/policy-rc.d && exec "$@"' \
+		"$WORK/forbid-all" timeout 300 apt-get purge -y -qq -o DPkg::Lock::Timeout=300 tcp-intercept
+}
+
 # The daemon's pid, if the pid file names a live process in our router.
 our_daemon() {
 	local pid
@@ -112,12 +143,18 @@ cleanup() {
 		wait "$pid" 2>/dev/null
 	done
 	for ns in "$NS_C" "$NS_R" "$NS_S"; do
+		stop_all_in "$ns"
 		ip netns del "$ns" 2>/dev/null # its rules and routes go with it
 	done
-	[ -z "$OUR_POLICY_RC_D" ] || rm -f /usr/sbin/policy-rc.d
+	# Whatever failed, the purge must not run the init script in the host's
+	# namespace (its stop would take the host's firewall rules down): the
+	# settings say hands off the firewall, and starts and stops stay
+	# forbidden until the package is gone.
 	if [ -n "$INSTALLED" ] && dpkg-query -W tcp-intercept >/dev/null 2>&1; then
-		apt-get purge -y -qq tcp-intercept >/dev/null 2>&1
+		hands_off_the_firewall
+		purge >/dev/null 2>&1
 	fi
+	[ -z "$OUR_POLICY_RC_D" ] || rm -f /usr/sbin/policy-rc.d
 	echo PURGE | debconf-communicate tcp-intercept >/dev/null 2>&1
 	if [ -n "$STARTED" ]; then
 		rm -f "$PIDFILE" "$LOG" "$LOG".*
@@ -433,9 +470,8 @@ no_rules "systemd-helper firewall-down left rules"
 # -- 5. purge -----------------------------------------------------------------
 
 say "apt-get purge"
-# prerm's stop runs in the host's namespace: leave its firewall alone.
-sed -i 's/^CONTROL_\(NETWORK\|IPTABLES\)=.*/CONTROL_\1=0/' "$DEFAULTS"
-apt-get purge -y -qq tcp-intercept >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log" >&2; fail "apt-get purge"; }
+hands_off_the_firewall
+purge >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log" >&2; fail "apt-get purge"; }
 INSTALLED=
 for f in "$DEFAULTS" /usr/sbin/tcp-interceptd /usr/sbin/tcp-intercept /etc/init.d/tcp-intercept \
 	"$TPROXY" /etc/logrotate.d/tcp-intercept "$LOG" "$LOG.1"; do
