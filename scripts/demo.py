@@ -69,7 +69,7 @@ def curl(topo: Topology, workdir: Path) -> None:
                    stdout=out, stderr=out)
     url = f"http://{topo.SERVER4}:{HTTP_PORT}/hello.txt"
     say(f"3. curl {url}   (run in the client namespace)")
-    result = topo.run(topo.cli, "curl", "-sS", "--max-time", "10", url)
+    result = topo.run(topo.cli, "curl", "-sS", "--noproxy", "*", "--max-time", "10", url)
     say(f"   curl printed: {result.stdout.strip()!r}")
     for line in access_log.read_text().splitlines():
         if "GET /hello.txt" in line:

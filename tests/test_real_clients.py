@@ -72,7 +72,7 @@ def test_curl_downloads_through_the_daemon(topo, http_server, files, family):
     server, client = (topo.SERVER6, topo.CLIENT6) if v6 else (topo.SERVER4, topo.CLIENT4)
     url = f"http://[{server}]:{HTTP_PORT}/blob" if v6 else f"http://{server}:{HTTP_PORT}/blob"
     out = files.parent / f"downloaded-ipv{6 if v6 else 4}"
-    result = topo.run(topo.cli, "curl", "-sS", "--max-time", "20", "-o", str(out),
+    result = topo.run(topo.cli, "curl", "-sS", "--noproxy", "*", "--max-time", "20", "-o", str(out),
                       "-w", "%{http_code} %{local_port}", url)
     status, port = result.stdout.split()
     assert status == "200"
