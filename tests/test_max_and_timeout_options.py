@@ -39,6 +39,27 @@ def connect_from(topo, source: str) -> socket.socket:
     return sock
 
 
+def backlog(topo, port: int) -> int:
+    """Connections the kernel completed on the daemon's port, not yet accepted."""
+    out = topo.run(topo.rtr, "ss", "-Hltn", f"sport = :{port}").stdout
+    return sum(int(line.split()[1]) for line in out.splitlines())
+
+
+def held_back(topo, daemon, waiting: list[socket.socket]) -> None:
+    """The waiting connections stay in the kernel's backlog: the daemon has
+    not accepted them, so nothing came back to them."""
+    wait_for(lambda: backlog(topo, daemon.port) == len(waiting), 10,
+             f"{len(waiting)} connection(s) in the backlog")
+    assert daemon.info()["Connections_open"] == "3"
+    assert backlog(topo, daemon.port) == len(waiting)
+    for sock in waiting:
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)
+        sock.settimeout(timeout)
+
+
 def reset_at_once(topo, source: str) -> bool:
     """A connection from source is reset (the reset may beat connect()'s return)."""
     try:
@@ -59,8 +80,7 @@ def test_max_connections_holds_the_next_clients_until_one_closes(topo, peers, st
         for sock in waiting:
             sock.sendall(b"waiting")
         daemon.wait_log("Reached --max-connections (3 open here)")
-        time.sleep(0.5)  # long enough for the daemon to have served them, were it to
-        assert daemon.info()["Connections_open"] == "3"
+        held_back(topo, daemon, waiting)
         first[0].close()
         waiting[0].settimeout(5)
         assert waiting[0].recv(7, socket.MSG_WAITALL) == b"waiting"
@@ -109,7 +129,7 @@ def test_connect_timeout_resets_the_client_of_a_silent_server(topo, peers, start
         with pytest.raises(ConnectionResetError):
             sock.recv(1)
         elapsed = time.monotonic() - started
-    assert 0.9 <= elapsed <= 1.6, elapsed
+    assert 0.9 <= elapsed <= 5, elapsed  # never early; late only by a loaded machine's delay
     [line] = daemon.wait_log(f"{conn_id}: connect to server failed: timed out")
     assert re.search(r" WARNING: ", line)
     assert daemon.info()["Connect_failed_timeout"] == "1"
@@ -124,7 +144,9 @@ def test_idle_timeout_resets_a_quiet_connection_and_spares_a_trickle(topo, peers
         assert echo(quiet, b"once") == b"once"
         started = time.monotonic()
         reset_after = None
-        while time.monotonic() - started < 3:
+        # The trickle lives 3 idle timeouts; the quiet one's reset may come late
+        # on a loaded machine, never early.
+        while time.monotonic() - started < (3 if reset_after else 6):
             assert echo(trickle, b".") == b"."
             if reset_after is None:
                 quiet.setblocking(False)
@@ -138,7 +160,7 @@ def test_idle_timeout_resets_a_quiet_connection_and_spares_a_trickle(topo, peers
         data = payload(1000, seed=5)
         trickle.settimeout(10)
         assert exchange(trickle, data) == (1000, sha256(data), "eof")
-    assert reset_after is not None and 0.9 <= reset_after <= 1.8, reset_after
+    assert reset_after is not None and 0.9 <= reset_after <= 5, reset_after
     [line] = daemon.wait_log("idle for 1 s, resetting")
     assert daemon.info()["Closed_idle_timeout"] == "1"
     # The server's side was reset too.
@@ -189,8 +211,7 @@ def test_max_connections_holds_through_an_upgrade(topo, peers, start_daemon):
         daemon.wait_log("Upgrade done", timeout=20)
         with topo.connect(topo.cli, topo.SERVER4, ECHO) as waiting:
             waiting.sendall(b"waiting")
-            time.sleep(0.5)  # long enough for the daemon to have served it, were it to
-            assert daemon.info()["Connections_open"] == "3"
+            held_back(topo, daemon, [waiting])
             first.pop().close()
             waiting.settimeout(5)
             assert waiting.recv(7, socket.MSG_WAITALL) == b"waiting"
