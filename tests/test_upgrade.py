@@ -135,30 +135,30 @@ def test_a_broken_install_leaves_the_old_daemon_serving(topo, peers, start_daemo
 
 
 def test_a_slow_check_holds_up_nothing(topo, peers, start_daemon, tmp_path):
-    """While the installed program takes 3 s to start in check mode, the
-    master answers the control socket and replaces a killed worker at once;
-    then the upgrade goes on."""
+    """While the installed program's check is still starting (it waits for
+    a gate the test opens last), the master answers the control socket and
+    replaces a killed worker; then the upgrade goes on. No clock: all of it
+    happens while the check is held."""
     install = tmp_path / "install"
     shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
                     ignore=shutil.ignore_patterns("__pycache__"))
     daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
     workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    gate = tmp_path / "gate"
     with open(install / "tcp_intercept" / "worker.py", "a") as module:
         module.write("\nimport os as _os\nimport time as _time\n"
                      "if _os.environ.get('TCP_INTERCEPT_UPGRADE_CHECK'):\n"
-                     "    _time.sleep(3)\n")
-    signalled = time.monotonic()
+                     f"    while not _os.path.exists({str(gate)!r}):\n"
+                     "        _time.sleep(0.05)\n")
     daemon.signal(signal.SIGUSR2)
     daemon.wait_log("Received SIGUSR2, upgrading")
-    asked = time.monotonic()
     assert daemon.info()["Workers"] == "2"
-    assert time.monotonic() - asked < 1
     os.kill(workers[0], signal.SIGKILL)
-    daemon.wait_log("Worker 1 (pid", timeout=2)
-    wait_for(lambda: daemon.info()["Worker_restarts"] == "1", 1, "worker 1 replaced")
-    assert not daemon.lines("The installed program starts")  # all of it during the check
+    daemon.wait_log("Worker 1 (pid")
+    wait_for(lambda: daemon.info()["Worker_restarts"] == "1", 10, "worker 1 replaced")
+    assert not daemon.lines("The installed program starts")  # the check is still held
+    gate.touch()
     upgraded(daemon)
-    assert time.monotonic() - signalled >= 3
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
         sock.sendall(b"upgraded")
         assert sock.recv(8, socket.MSG_WAITALL) == b"upgraded"
@@ -187,3 +187,30 @@ def test_the_histograms_go_on_through_an_upgrade(topo, peers, start_daemon):
     assert observed() == 3
     closed(2)
     assert observed() == 5
+
+
+def test_a_check_that_never_finishes_is_killed_after_30_s(topo, peers, start_daemon, tmp_path):
+    """The README's promise: the installed program's check gets 30 s, then
+    it is killed and the running daemon carries on (30 s of this test)."""
+    install = tmp_path / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
+    workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    check_pid = tmp_path / "check.pid"
+    with open(install / "tcp_intercept" / "worker.py", "a") as module:
+        module.write("\nimport os as _os\nimport time as _time\n"
+                     "if _os.environ.get('TCP_INTERCEPT_UPGRADE_CHECK'):\n"
+                     f"    open({str(check_pid)!r}, 'w').write(str(_os.getpid()))\n"
+                     "    while True:\n"
+                     "        _time.sleep(1)\n")
+    signalled = time.monotonic()
+    daemon.signal(signal.SIGUSR2)
+    [line] = daemon.wait_log("Upgrade aborted, this program goes on", timeout=60)
+    assert time.monotonic() - signalled >= 30
+    assert "did not finish within 30 s" in line, line
+    assert not pid_alive(int(check_pid.read_text()))
+    assert daemon.workers() == workers and daemon.alive()
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"still me")
+        assert sock.recv(8, socket.MSG_WAITALL) == b"still me"
