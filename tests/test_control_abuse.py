@@ -76,15 +76,17 @@ def test_abusive_operators_slow_nothing_down(topo, peers, start_daemon):
             sock.settimeout(60)
             assert exchange(sock, data) == (len(data), sha256(data), "eof")
         abused = time.monotonic() - started
-        # The control socket still answers, at once, in the middle of it all.
+        # The control socket still answers, at once (a loaded machine's
+        # "at once": 3 s, against the 10 s a held-up answer would take).
         asked = time.monotonic()
         assert daemon.info()["Connections_open"] in ("0", "1")
-        assert time.monotonic() - asked < 1.0
+        assert time.monotonic() - asked < 3.0
     finally:
         abuser.join(timeout=30)
         for sock in idle + non_readers:
             sock.close()
-    assert abused < 2 * alone + 1.0, f"{abused:.2f} s under abuse, {alone:.2f} s alone"
+    # Room for the machine's drift between the two transfers (up to 2x).
+    assert abused < 3 * alone + 2.0, f"{abused:.2f} s under abuse, {alone:.2f} s alone"
     assert answers["10 MB line"].startswith("ERROR: command too long"), answers
     assert answers["garbage"].startswith("ERROR: unknown command"), answers
     assert answers["http flood"].startswith("HTTP/1.1 431 "), answers

@@ -151,22 +151,23 @@ def test_a_full_disk_neither_blocks_relaying_nor_stops_the_daemon(topo, peers, s
         started = time.monotonic()
         with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
             assert exchange(sock, data) == (len(data), sha256(data), "eof")
-        assert time.monotonic() - started < 2
+        # Relaying never waits for the log (a loaded machine's delays aside).
+        assert time.monotonic() - started < 5
         sent.add(sha256(data))
     peers.wait_digests(sent)
-    time.sleep(0.3)  # their last lines have been flushed, or dropped
-    written = kinds(log.read_text())
     filler.unlink()
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
         conn_id = f"[{topo.CLIENT4}]:{sock.getsockname()[1]}-->[{topo.SERVER4}]:{ECHO}"
         exchange(sock, b"space again")
     daemon.wait_log(f"{conn_id}: closed")
     assert daemon.alive()
+    text = log.read_text()
+    # Lines still buffered when the space came back were written after it.
+    written = kinds("\n".join(line for line in text.splitlines() if conn_id not in line))
     [note] = daemon.lines("log line(s) dropped")
     dropped = int(re.search(r"WARNING: (\d+) log line\(s\) dropped since \S+: writing the log "
                             r"failed \(No space left on device\)$", note).group(1))
     # The disk filled up right after start-up: every line of the connections
     # made while it was full is either in the file or counted in the note.
     assert dropped + sum(written.values()) == 6 * while_full, (dropped, written)
-    text = log.read_text()
     assert text.index(note) < text.index(f"{conn_id}: Connection intercepted")

@@ -165,7 +165,8 @@ def test_refused_upstream_resets_the_client_at_once(world):
             sock.connect((world.server, REFUSED))
             sock.recv(1)
         elapsed = time.monotonic() - started
-    assert elapsed < 2, f"the reset took {elapsed:.1f} s"
+    # "At once": well before the 10 s the client waits; room for a loaded machine.
+    assert elapsed < 5, f"the reset took {elapsed:.1f} s"
     [line] = world.daemon.wait_log(f"{conn_id}: connect to server failed: ")
     assert "refused" in line.lower(), line
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime
 
 from lab.intercept import REPO
 from lab.peers import ECHO, exchange, payload, read_to_eof, sha256
@@ -62,10 +63,15 @@ def test_a_killed_worker_is_replaced_and_the_others_transfer_goes_on(topo, peers
     new = wait_for(lambda: len(daemon.workers()) == 2 and victim not in daemon.workers()
                    and daemon.workers(), 5, "a new worker")
     assert holder in new
-    daemon.wait_log(f"(pid {victim}) was killed by SIGKILL; starting another")
+    [noticed] = daemon.wait_log(f"(pid {victim}) was killed by SIGKILL; starting another")
     replaced = [w for w in new if w != holder][0]
     started = float(open(f"/proc/{replaced}/stat").read().rsplit(")", 1)[1].split()[19])
-    assert started / os.sysconf("SC_CLK_TCK") - _uptime_at(killed_at[0]) < 1.0
+    started /= os.sysconf("SC_CLK_TCK")
+    # At once, not after the 1 s a second young death waits: the master forks
+    # right after logging the death (a span free of the machine's load, unlike
+    # one measured from the kill).
+    assert started - _uptime_at_stamp(noticed) < 0.5
+    assert started > _uptime_at(killed_at[0]) - 0.02  # /proc counts in 10 ms ticks
     assert daemon.info()["Worker_restarts"] == "1"
     for n in range(10):  # and both serve
         with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
@@ -77,6 +83,12 @@ def _uptime_at(monotonic: float) -> float:
     """The system's uptime (the clock of /proc/PID/stat's start time) at a
     time.monotonic() reading."""
     return time.clock_gettime(time.CLOCK_BOOTTIME) - (time.monotonic() - monotonic)
+
+
+def _uptime_at_stamp(line: str) -> float:
+    """The system's uptime when a log line was stamped (ms, local time)."""
+    wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - (time.time() - wall)
 
 
 def _send_in_halves(sock, data: bytes) -> None:
