@@ -112,3 +112,14 @@ def test_unwritable_log_file_fails_with_71_and_says_why(topo, start_daemon, tmp_
     daemon = start_daemon("-l", str(tmp_path / "no-such-dir" / "x.log"), foreground=False)
     assert daemon.launcher_status == 71
     assert "x.log" in daemon.output() and "No such file or directory" in daemon.output()
+
+
+def test_a_control_socket_another_daemon_answers_on_fails_with_71(topo, start_daemon):
+    first = start_daemon(control=True, name="holder")
+    # Another port, so only the control socket is in the way.
+    second = start_daemon("--control", str(first.control_path), foreground=False,
+                          name="second", listen="[0.0.0.0]:[5001]")
+    assert second.launcher_status == 71, second.output()
+    assert f"Can not create the control socket {first.control_path}: another daemon is " \
+        "answering on it" in second.output()
+    assert "Pid: " + str(first.pid) in first.ask("show info")  # the first one's, still

@@ -151,6 +151,39 @@ def test_metrics_endpoint_answers_only_get_metrics(world, topo):
             assert sock.recv(100).startswith(b"HTTP/1.1 405 ")
 
 
+def test_help_lists_every_command(world):
+    daemon, _, _, _ = world
+    answer = daemon.ask("help")
+    assert [line.split()[0:2] for line in answer.splitlines()] == [
+        ["show", "info"], ["show", "conns"], ["show", "metrics"], ["help", "this"]], answer
+    for command in ("show info", "show conns", "show metrics"):
+        assert not daemon.ask(command).startswith("ERROR"), command
+
+
+def test_pipes_lent_to_a_stuck_stream_show_in_info_and_metrics(world, topo):
+    """A client that sends and never reads its echo: the daemon's pipes of
+    that connection stay full, lent; both views count them alike."""
+    daemon, _, _, _ = world
+    sock = topo.connect(topo.cli, topo.SERVER4, ECHO)
+    with sock:
+        sock.setblocking(False)
+        chunk, sent = b"p" * 65536, 0
+        while sent < 64 << 20:
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                break
+        lent = wait_for(lambda: int(daemon.info()["Pipes_lent"]), 10, "pipes lent")
+        found = samples(scrape(topo))
+        info = daemon.info()
+        assert found[("tcp_intercept_pipes", (("state", "lent"),))] == lent \
+            == int(info["Pipes_lent"])
+        assert found[("tcp_intercept_pipes", (("state", "free"),))] == int(info["Pipes_free"])
+    # Closed: the pipes go back to the pool (or are closed by it).
+    wait_for(lambda: daemon.info()["Pipes_lent"] == "0", 10, "the pipes given back")
+    wait_for(lambda: daemon.info()["Connections_open"] == str(HELD), 10, "the stuck one closed")
+
+
 def test_sigusr1_dumps_info_and_conns_into_the_log(world):
     daemon, held, _, _ = world
     daemon.signal(signal.SIGUSR1)
