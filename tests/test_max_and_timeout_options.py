@@ -218,3 +218,58 @@ def test_max_connections_holds_through_an_upgrade(topo, peers, start_daemon):
     finally:
         for sock in first:
             sock.close()
+
+
+def test_max_connections_is_shared_out_over_the_workers(topo, peers, start_daemon):
+    """-w 2 --max-connections 4: each worker holds at most 2, the daemon at
+    most 4; the rest wait in the kernel's backlog and are served as others
+    close."""
+    daemon = start_daemon("-w", "2", "--max-connections", "4", control=True, log_file=True)
+    wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
+    socks = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(12)]
+    try:
+        for n, sock in enumerate(socks):
+            sock.sendall(b"%02d" % n)
+        daemon.wait_log("Reached --max-connections")
+
+        def settled() -> bool:  # every connection either held by a worker or queued
+            return held(daemon) + backlog(topo, daemon.port) == len(socks)
+        wait_for(settled, 10, "the connections held or queued")
+        per_worker = worker_connections(daemon)
+        assert len(per_worker) == 2 and all(count <= 2 for count in per_worker), per_worker
+        assert 2 <= sum(per_worker) <= 4, per_worker
+        assert int(daemon.info()["Connections_open"]) == sum(per_worker)
+        # Closing served connections lets the waiting ones in, until all are served.
+        served: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(served) < len(socks):
+            assert time.monotonic() < deadline, f"served only {sorted(served)}"
+            for n, sock in enumerate(socks):
+                if n in served:
+                    continue
+                sock.setblocking(False)
+                try:
+                    got = sock.recv(2)
+                except BlockingIOError:
+                    continue
+                finally:
+                    sock.settimeout(10)
+                assert got == b"%02d" % n
+                served.add(n)
+                sock.close()
+            wait_for(lambda: held(daemon) <= 4, 10, "at most 4 held")
+            time.sleep(0.05)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def worker_connections(daemon) -> list[int]:
+    """Connections each worker holds, from show info's Process lines."""
+    return [int(line.split("connections=")[1].split()[0])
+            for line in daemon.ask("show info").splitlines()
+            if line.startswith("Process: worker")]
+
+
+def held(daemon) -> int:
+    return sum(worker_connections(daemon))

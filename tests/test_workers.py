@@ -152,3 +152,36 @@ def test_the_masters_line_about_a_signal_stands_after_the_workers_earlier_lines(
     received = next(i for i, line in enumerate(text) if "Received SIGUSR1" in line)
     closed = [i for i, line in enumerate(text) if line.endswith(": closed")]
     assert len(closed) == 20 and max(closed) < received, "\n".join(text[-30:])
+
+
+COUNTED = ("Connections_accepted", "Closed_clean", "Bytes_c2s", "Bytes_s2c")
+
+
+def test_counters_never_go_back_when_a_worker_dies_or_an_upgrade_replaces_them(
+        topo, peers, start_daemon):
+    daemon = start_daemon("-w", "2", control=True, log_file=True)
+    wait_for(lambda: len(daemon.workers()) == 2, 10, "two workers")
+    for n in range(20):  # over both workers
+        data = payload(1000 + n, seed=300 + n)
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+            assert exchange(sock, data) == (len(data), sha256(data), "eof")
+    wait_for(lambda: daemon.info()["Closed_clean"] == "20", 10, "20 connections counted")
+    before = {key: daemon.info()[key] for key in COUNTED}
+    assert before["Connections_accepted"] == "20"
+
+    workers = daemon.workers()
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: len(daemon.workers()) == 2 and workers[0] not in daemon.workers(), 10,
+             "the killed worker replaced")
+    info = daemon.info()
+    assert {key: info[key] for key in COUNTED} == before
+    assert info["Worker_restarts"] == "1"
+    assert "tcp_intercept_worker_restarts_total 1.0" in daemon.ask("show metrics").splitlines()
+
+    old = daemon.workers()
+    daemon.signal(signal.SIGUSR2)
+    daemon.wait_log("Upgrade done", timeout=20)
+    wait_for(lambda: not set(old) & set(daemon.workers()), 10, "the old workers to exit")
+    info = daemon.info()
+    assert {key: info[key] for key in COUNTED} == before
+    assert info["Worker_restarts"] == "1"  # workers replaced by an upgrade did not die
