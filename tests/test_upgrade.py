@@ -214,3 +214,34 @@ def test_a_check_that_never_finishes_is_killed_after_30_s(topo, peers, start_dae
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
         sock.sendall(b"still me")
         assert sock.recv(8, socket.MSG_WAITALL) == b"still me"
+
+
+def test_drain_timeout_resets_what_old_workers_still_hold(topo, peers, start_daemon):
+    """--drain-timeout 1: after the upgrade, an old worker resets the
+    connections it still holds 1 s later (never sooner) and exits; a
+    connection to the new workers is untouched."""
+    daemon = start_daemon("-w", "2", "--drain-timeout", "1", control=True, log_file=True)
+    old = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    held = [topo.connect(topo.cli, topo.SERVER4, ECHO) for _ in range(4)]
+    try:
+        for sock in held:
+            sock.sendall(b"held")
+            assert sock.recv(4, socket.MSG_WAITALL) == b"held"
+        signalled = time.monotonic()
+        daemon.signal(signal.SIGUSR2)
+        upgraded(daemon)
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as new:
+            new.sendall(b"new")
+            assert new.recv(3, socket.MSG_WAITALL) == b"new"
+            for sock in held:
+                with pytest.raises(ConnectionResetError):
+                    sock.recv(1)  # within the client's 10 s
+            assert time.monotonic() - signalled >= 1
+            wait_for(lambda: not set(old) & set(daemon.workers()), 10, "the old workers' exit")
+            new.sendall(b"still")
+            assert new.recv(5, socket.MSG_WAITALL) == b"still"
+    finally:
+        for sock in held:
+            sock.close()
+    lines = daemon.lines("Drain timeout: closing the last ")
+    assert sum(int(line.split("closing the last ")[1].split()[0]) for line in lines) == 4
