@@ -66,8 +66,10 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.launcher_status: int | None = None
-        # Detached: whether the daemon listened the moment its launcher exited.
+        # Detached: whether the daemon listened the moment its launcher
+        # exited, and (with control) its show info then.
         self.listening_at_launch: bool | None = None
+        self.info_at_launch: str | None = None
         self.stopped = False
 
     @property
@@ -94,6 +96,8 @@ class Daemon:
                 self.pid = int(self.pid_path.read_text().strip())
                 self.topo.adopt(self.pid)
                 self.listening_at_launch = listens(self.pid, self.port)
+                if self.control_path:
+                    self.info_at_launch = self.ask("show info")
         wait_for(self._ready, timeout, f"the daemon to listen on port {self.port}\n{self.output()}")
         return self
 

@@ -5,6 +5,7 @@ remove its pid file) works."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -75,6 +76,28 @@ def test_as_nobody_with_net_admin_alone_it_spoofs_and_reopens_its_log(topo, peer
     # At exit, nobody removes its pid file.
     daemon.stop()
     assert not daemon.pid_path.exists()
+
+
+def test_group_is_applied_to_the_master_and_its_workers(topo, peers, start_daemon,
+                                                        nobodys_dir):
+    """-g users: every gid of master and workers is users', and the
+    supplementary groups are those of nobody in users (none other)."""
+    users = grp.getgrnam("users")
+    daemon = start_daemon("-u", "nobody", "-g", "users", "-w", "2",
+                          log_file=nobodys_dir / "d.log")
+    workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
+    expected = sorted(set(os.getgrouplist("nobody", users.gr_gid)) | {users.gr_gid})
+    for pid in (daemon.pid, *workers):
+        found = status(pid)
+        assert found["Gid"].split() == [str(users.gr_gid)] * 4, (pid, found["Gid"])
+        assert sorted(map(int, found["Groups"].split())) == expected, (pid, found["Groups"])
+        assert found["Uid"].split() == [str(NOBODY.pw_uid)] * 4
+    daemon.wait_log(f"Running as user nobody (uid {NOBODY.pw_uid}), group users "
+                    f"(gid {users.gr_gid})")
+    assert (nobodys_dir / "d.log").exists()
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        sock.sendall(b"grouped")
+        assert sock.recv(7, socket.MSG_WAITALL) == b"grouped"
 
 
 def test_without_spoofing_it_keeps_no_capability(topo, peers, start_daemon, nobodys_dir):

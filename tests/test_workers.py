@@ -99,6 +99,29 @@ def _send_in_halves(sock, data: bytes) -> None:
     sock.shutdown(1)  # SHUT_WR
 
 
+def test_the_launcher_waits_for_every_worker(topo, peers, start_daemon, tmp_path):
+    """-w 3, the last worker 1 s slow to start: the launcher exits 0 only once
+    all three serve."""
+    install = tmp_path / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(install / "tcp_intercept" / "worker.py", "a") as module:
+        module.write("\nimport time as _time\n"
+                     "_init = Worker.__init__\n"
+                     "def _slow_init(self, config, number, *rest):\n"
+                     "    if number == 2:\n"
+                     "        _time.sleep(1)\n"
+                     "    _init(self, config, number, *rest)\n"
+                     "Worker.__init__ = _slow_init\n")
+    daemon = start_daemon("-w", "3", foreground=False, pid_file=True, log_file=True,
+                          control=True, repo=install)
+    assert daemon.launcher_status == 0, daemon.output()
+    # Asked the moment the launcher exited: all three serve already.
+    workers = [line for line in daemon.info_at_launch.splitlines()
+               if line.startswith("Process: worker")]
+    assert len(workers) == 3 and all("state=serving" in w for w in workers), workers
+
+
 def test_sigterm_to_the_master_stops_every_worker_and_removes_the_pid_file(topo, peers,
                                                                            start_daemon):
     daemon = start_daemon("-w", "3", foreground=False, pid_file=True, log_file=True)
