@@ -4,6 +4,7 @@ rotation under load, or when the disk fills up for a while."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 
 from lab.load import ShortConnections
 from lab.peers import ECHO, REFUSED, exchange, payload, sha256
-from lab.topology import wait_for
+from lab.topology import pid_alive, wait_for
+from tcp_intercept.logs import FLUSH_DELAY
 
 STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})"
 ADDR = r"\[[0-9a-f.:]+\]:\d+"
@@ -83,6 +85,24 @@ def test_sigterm_under_load_loses_no_line(topo, peers, start_daemon):
     assert counts["intercepted"] >= 300
     assert counts["closed"] == counts["intercepted"], counts
     assert daemon.log_path.read_text().rstrip().endswith("Exiting cleanly...")
+
+
+def test_sigkill_loses_no_line_older_than_the_flush_delay(topo, peers, start_daemon):
+    """On SIGKILL only the last 50 ms of lines may be lost: a second after the
+    last connection closed (20 times that, for a loaded machine), every line
+    of every connection is in the file. (The 64 KiB bound: test_logs.py.)"""
+    daemon = start_daemon("-w", "1", log_file=True, control=True)
+    with ShortConnections(topo) as load:
+        load.wait_for(200)
+    assert not load.failed, load.failed
+    # The daemon's count, not its log: waiting for the lines would flush them.
+    wait_for(lambda: daemon.info()["Closed_clean"] == str(load.total), 10, "all closed")
+    time.sleep(20 * FLUSH_DELAY)
+    worker = daemon.worker
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(worker), 10, "the killed worker gone")
+    counts = kinds(daemon.log_path.read_text())
+    assert counts["intercepted"] == counts["closed"] == load.total, counts
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

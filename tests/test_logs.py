@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from tcp_intercept import logs
+from tcp_intercept import evloop, logs
 
 
 class Timer:
@@ -141,3 +141,31 @@ def test_the_fast_path_writes_the_line_stamp_writes(monkeypatch):
                                 logs._stamp("ERROR", "e")]
         ms = int(round(now % 1, 4) * 1000)
         assert re.fullmatch(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.{ms:03d} INFO: i\n", written[-3])
+
+
+def test_what_a_sigkill_can_lose_is_at_most_64_kib_or_50_ms_of_lines(tmp_path):
+    """Lines wait in the buffer until 64 KiB have gathered or 50 ms have
+    passed: at any moment, what is not yet in the file (what a SIGKILL would
+    lose) is less than 64 KiB, and one turn of the loop's timer writes it."""
+    path = tmp_path / "d.log"
+    log = logs.Log(str(path))
+    log.open()
+    loop = evloop.Loop()  # the real one: its timer writes what waits
+    log.attach(loop)
+    try:
+        added = path.stat().st_size
+        for n in range(3000):  # about 200 KiB of connection lines
+            line = f"[10.0.0.{n % 250}]:{40000 + n}-->[10.1.0.1]:443: Connection intercepted"
+            log.info(line)
+            added += len(logs._stamp("INFO", line))
+            assert added - path.stat().st_size < logs.FLUSH_SIZE == 64 * 1024
+        assert path.stat().st_size < added  # some wait for the timer
+        assert logs.FLUSH_DELAY == 0.05
+        stop = loop.timer(2 * logs.FLUSH_DELAY)
+        stop.start(loop.stop)
+        loop.run()
+        stop.close()
+        assert path.stat().st_size == added
+    finally:
+        log.close()
+        loop.destroy()
