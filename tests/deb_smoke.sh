@@ -24,7 +24,8 @@
 #      answers: the daemon goes on; a new listening port: it restarts on
 #      that port, the rules follow, it relays); kill -9 of the master (the
 #      rules stay, FAIL=open: a connection begun at once reaches its server
-#      within 2 s; start: intercepted again; fail_open.sh); stop (rules gone, status
+#      within 2 s; start: intercepted again; fail_open.sh); METRICS, MAX_*,
+#      the timeouts and DAEMON_ARGS applied by force-reload; stop (rules gone, status
 #      3), a start that fails with the daemon's own status; then what
 #      tcp-intercept.service runs (systemd-helper), as systemd is not there;
 #   5. apt-get purge, and check that nothing is left.
@@ -430,6 +431,38 @@ in_ns "$NS_R" "$TPROXY" status >/dev/null || fail "kill -9: the rules are gone (
 init_script start || fail "start after kill -9: exit status $?"
 pid=$(our_daemon) || fail "start after kill -9: no daemon"
 transfer # intercepted again
+
+say "settings: METRICS, MAX_*, timeouts, DAEMON_ARGS; force-reload restarts with them"
+cp "$DEFAULTS" "$WORK/defaults.before"
+cat >>"$DEFAULTS" <<'EOF'
+METRICS="[127.0.0.1]:[9105]"
+MAX_CONNECTIONS=100
+MAX_PER_CLIENT=10
+CONNECT_TIMEOUT=7
+IDLE_TIMEOUT=600
+DRAIN_TIMEOUT=30
+DAEMON_ARGS="-k"
+EOF
+init_script force-reload >/dev/null || fail "force-reload: exit status $?"
+new_pid=$(our_daemon) || fail "no daemon after force-reload"
+[ "$new_pid" != "$pid" ] || fail "force-reload did not restart the daemon (settings are read at start)"
+pid=$new_pid
+cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline")
+for option in "--metrics [127.0.0.1]:[9105]" "--max-connections 100" "--max-per-client 10" \
+	"--connect-timeout 7" "--idle-timeout 600" "--drain-timeout 30" " -k"; do
+	case $cmdline in *"$option"*) ;; *) fail "force-reload: no '$option' in: $cmdline" ;; esac
+done
+options=$(info Options)
+case $options in *"--max-connections 100"*"--max-per-client 10"*) ;; *) fail "show info's Options: $options" ;; esac
+# shellcheck disable=SC2016 # for python
+metrics=$(in_ns "$NS_R" /usr/bin/python3 -c '
+import urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+print(opener.open("http://127.0.0.1:9105/metrics", timeout=10).read().decode())') ||
+	fail "METRICS: nothing answers on 127.0.0.1:9105 in the router"
+case $metrics in *"tcp_intercept_connections "*) ;; *) fail "METRICS: no tcp_intercept_connections in: $metrics" ;; esac
+transfer
+cat "$WORK/defaults.before" >"$DEFAULTS"
 
 say "init script: stop"
 init_script stop >/dev/null || fail "stop: exit status $?"
