@@ -28,7 +28,12 @@
 #      the timeouts and DAEMON_ARGS applied by force-reload; stop (rules gone, status
 #      3), a start that fails with the daemon's own status; then what
 #      tcp-intercept.service runs (systemd-helper), as systemd is not there;
-#   5. apt-get purge, and check that nothing is left.
+#   5. apt-get purge, and check that nothing is left;
+#   6. the upgrade from 2.0 (built from the history, as released): 2.0 installed and
+#      started in the router, then this package installed over it there:
+#      2.0's daemon (no master) stopped, the new one started once, 2.0's
+#      log moved into /var/log/tcp-intercept/ and given to the user, the
+#      settings pointing at it; purge again.
 #
 # Everything it creates is removed on exit, failed or not. About 25 s once
 # the build dependencies are installed.
@@ -51,7 +56,8 @@ TPROXY=/usr/lib/tcp-intercept/tproxy.sh
 PORT=5077 # preseeded: the TPROXY port must follow BIND_LISTEN
 CLIENT=10.77.1.2 ROUTER_C=10.77.1.1 ROUTER_S=10.77.2.1 SERVER=10.77.2.2
 SERVER_PORT=8080
-SERVER_PID='' OUR_POLICY_RC_D='' INSTALLED='' STARTED=''
+SERVER_PID='' OUR_POLICY_RC_D='' INSTALLED='' STARTED='' OLD_STAGE=''
+OLD_LOG=/var/log/tcp-intercept.log OLD_PIDFILE=/run/tcp-intercept.pid # 2.0's
 T0=$(date +%s)
 
 say() { echo "deb_smoke [$(($(date +%s) - T0))s]: $*"; }
@@ -160,6 +166,7 @@ cleanup() {
 	if [ -n "$STARTED" ]; then
 		rm -f "$PIDFILE" "$LOG" "$LOG".*
 	fi
+	[ -z "$OLD_STAGE" ] || rm -f "$OLD_PIDFILE" "$OLD_LOG"
 	rm -rf "$WORK"
 	if [ "$status" = 0 ]; then
 		say "passed"
@@ -502,12 +509,71 @@ no_rules "systemd-helper firewall-down left rules"
 
 # -- 5. purge -----------------------------------------------------------------
 
-say "apt-get purge"
-hands_off_the_firewall
-purge >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log" >&2; fail "apt-get purge"; }
-INSTALLED=
-for f in "$DEFAULTS" /usr/sbin/tcp-interceptd /usr/sbin/tcp-intercept /etc/init.d/tcp-intercept \
-	"$TPROXY" /etc/logrotate.d/tcp-intercept "$LOG" "$LOG.1"; do
-	[ ! -e "$f" ] || fail "purge left $f"
-done
-[ -z "$(debconf-show tcp-intercept 2>/dev/null)" ] || fail "purge left the debconf answers"
+# purged WHAT: apt-get purge, and nothing of the package is left.
+purged() {
+	say "apt-get purge ($1)"
+	hands_off_the_firewall
+	purge >"$WORK/purge.log" 2>&1 || { cat "$WORK/purge.log" >&2; fail "apt-get purge ($1)"; }
+	INSTALLED=
+	for f in "$DEFAULTS" /usr/sbin/tcp-interceptd /usr/sbin/tcp-intercept /etc/init.d/tcp-intercept \
+		"$TPROXY" /etc/logrotate.d/tcp-intercept "$LOG" "$LOG.1" "$OLD_LOG" "$OLD_PIDFILE"; do
+		[ ! -e "$f" ] || fail "purge ($1) left $f"
+	done
+	[ -z "$(debconf-show tcp-intercept 2>/dev/null)" ] || fail "purge ($1) left the debconf answers"
+}
+purged "$version"
+
+# -- 6. the upgrade from 2.0 ----------------------------------------------------
+
+say "the upgrade from 2.0 (no master): building 2.0 from the history"
+# 2.0 as released (the tree the README's Speed section compares against):
+# no master, run as root, pid file and log straight in /run and /var/log.
+V20=845c514
+git -C "$REPO" rev-parse -q --verify "$V20^{commit}" >/dev/null ||
+	fail "2.0 ($V20) is not in $REPO's history (a shallow clone? git fetch --unshallow)"
+git clone -q --no-checkout "$REPO" "$WORK/v2.0" && git -C "$WORK/v2.0" checkout -q "$V20" ||
+	fail "checking out 2.0 ($V20)"
+OLD_DEB=$(build_deb "$WORK/v2.0" "$WORK/old") || fail "building 2.0"
+echo "tcp-intercept tcp-intercept/bind-listen string [0.0.0.0]:[$PORT]" | debconf-set-selections
+echo "tcp-intercept tcp-intercept/bind-outgoing string client" | debconf-set-selections
+INSTALLED=1 OLD_STAGE=1
+apt-get install -y -qq -o DPkg::Lock::Timeout=300 "$OLD_DEB" >"$WORK/install-2.0.log" 2>&1 ||
+	{ cat "$WORK/install-2.0.log" >&2; fail "apt-get install 2.0"; }
+host_service_stopped
+[ "$(dpkg-query -W -f='${Version}' tcp-intercept)" = 2.0.0 ] || fail "dpkg does not say 2.0.0 is installed"
+sed -i -e 's/^CONTROL_NETWORK=.*/CONTROL_NETWORK=1/' -e 's/^CONTROL_IPTABLES=.*/CONTROL_IPTABLES=1/' "$DEFAULTS"
+grep -qx "LOGFILE=$OLD_LOG" "$DEFAULTS" || fail "2.0's settings do not log to $OLD_LOG"
+init_script start >/dev/null || fail "2.0: start: exit status $?"
+old_pid=$(cat "$OLD_PIDFILE") && [ "$(ip netns identify "$old_pid")" = "$NS_R" ] ||
+	fail "2.0: no daemon of $OLD_PIDFILE in $NS_R"
+LOG=$OLD_LOG transfer
+old_port=$TRANSFER_PORT
+
+say "apt-get install $(basename "$DEB") over 2.0, in the router: restarted once, log moved"
+cat >"$WORK/policy-rc.d" <<'EOF'
+#!/bin/sh
+# policy-rc.d [--quiet] SCRIPT ACTION [RUNLEVEL]: 0 allows, 101 forbids.
+while [ "${1#--}" != "$1" ]; do shift; done
+# "(start)": a start where invoke-rc.d finds no runlevel (no init here).
+[ "$1" = tcp-intercept ] && case $2 in start | "(start)" | restart | "(restart)") exit 0 ;; esac
+exit 101
+EOF
+with_our_policy ip netns exec "$NS_R" timeout 300 apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+	"$DEB" >"$WORK/upgrade-2.0.log" 2>&1 || { cat "$WORK/upgrade-2.0.log" >&2; fail "apt-get install over 2.0"; }
+wait_for 20 "the 2.1 daemon's pid file" our_daemon
+pid=$(our_daemon)
+! kill -0 "$old_pid" 2>/dev/null || fail "2.0's daemon ($old_pid) still runs"
+[ ! -e "$OLD_PIDFILE" ] || fail "2.0's pid file $OLD_PIDFILE is left"
+[ "$(info Version)" = "$version" ] || fail "show info does not say version $version"
+grep -qxE "LOGFILE=\"?$LOG\"?" "$DEFAULTS" || fail "the settings still log to $(grep '^LOGFILE=' "$DEFAULTS")"
+[ ! -e "$OLD_LOG" ] || fail "2.0's log $OLD_LOG was not moved"
+[ "$(stat -c %U "$LOG")" = tcp-intercept ] || fail "$LOG belongs to $(stat -c %U "$LOG"), not tcp-intercept"
+grep -qF "[$CLIENT]:$old_port-->[$SERVER]:$SERVER_PORT: Connection intercepted" "$LOG" ||
+	fail "2.0's lines are not in $LOG"
+starts=$(grep -c "starting up" "$LOG")
+[ "$starts" = 2 ] || fail "$starts start-ups in $LOG, not 2 (2.0's, then 2.1's once)"
+check_processes "after the upgrade from 2.0" "$pid"
+transfer
+init_script stop >/dev/null || fail "stop after the upgrade from 2.0: exit status $?"
+no_rules "stop after the upgrade from 2.0 left rules"
+purged "after the upgrade from 2.0"
