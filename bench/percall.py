@@ -4,7 +4,7 @@
     bench/percall.sh [--rounds N] [--seconds S] [--no-haproxy] [--against DIR]
 
 Each round, for each proxy in turn (the order reversed every other round),
-a fresh topology (tests/topology.py) with the echo server, the proxy in
+a fresh topology (lab/topology.py) with the echo server, the proxy in
 the router, and two rate loads (bench/loadgen.py: 32 in flight, connect,
 100 B each way, close):
 
@@ -45,8 +45,8 @@ from bench import procfs  # noqa: E402
 from bench.phases import Profile, World  # noqa: E402
 from bench.run import raise_descriptor_limit  # noqa: E402
 from bench.variants import rate, world_for  # noqa: E402
-from tests.netns import listens, terminate, wait_for  # noqa: E402
-from tests.topology import Daemon  # noqa: E402
+from lab.netns import listens, terminate, wait_for  # noqa: E402
+from lab.topology import Daemon  # noqa: E402
 
 HAPROXY_CFG = """\
 global

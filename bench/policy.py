@@ -43,7 +43,7 @@ MANY_RULES = POLICY_DIR / "200-rules.toml"
 
 def write_policies() -> None:
     """The policies measured here and by bench/variants.py's policy preset.
-    The bench's world sends to 10.91.2.2 (tests/topology.py): the rules match it."""
+    The bench's world sends to 10.91.2.2 (lab/topology.py): the rules match it."""
     POLICY_DIR.mkdir(exist_ok=True)
     # The rules set nothing: what is measured is choosing, not a socket option.
     ONE_RULE.write_text('[[rule]]\nname = "one"\ndestination = "10.91.2.0/24"\n')

@@ -16,8 +16,8 @@ import textwrap
 
 import pytest
 
-from .peers import ECHO
-from .topology import TPROXY_SH, Topology
+from lab.peers import ECHO
+from lab.topology import TPROXY_SH, Topology
 
 WORLD = functools.partial(Topology, tproxy=False)
 TCP_SAVE_SYN, TCP_SAVED_SYN = 27, 28

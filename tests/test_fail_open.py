@@ -23,9 +23,9 @@ import pytest
 
 from tcp_intercept.errors import EX_OSERR
 
-from .intercept import REPO
-from .peers import ECHO, exchange, payload, sha256
-from .topology import TPROXY_SH, Daemon, Topology, TopologyError, pid_alive, wait_for
+from lab.intercept import REPO
+from lab.peers import ECHO, exchange, payload, sha256
+from lab.topology import TPROXY_SH, Daemon, Topology, TopologyError, pid_alive, wait_for
 
 BACKENDS = ["nft", "iptables"]
 _seeds = itertools.count(17_000_000)

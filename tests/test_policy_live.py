@@ -21,9 +21,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from .netns import borrow_sockets, inside, wait_for
-from .peers import ECHO, PeerServer, exchange, payload, sha256
-from .topology import Topology
+from lab.netns import borrow_sockets, inside, wait_for
+from lab.peers import ECHO, PeerServer, exchange, payload, sha256
+from lab.topology import Topology
 
 IPPROTO_MPTCP = 262
 SO_MARK = 36
