@@ -46,7 +46,11 @@ def as_root() -> None:
 @pytest.hookimpl(tryfirst=True)  # before -m selects by them
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
-        item.add_marker("netns" if "as_root" in item.fixturenames else "unit")
+        needs_root = "as_root" in item.fixturenames
+        if needs_root and item.get_closest_marker("unit"):
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but needs root: "
+                                    "conftest.py marks every test, leave it the marking")
+        item.add_marker("netns" if needs_root else "unit")
 
 
 @pytest.fixture(scope="module")

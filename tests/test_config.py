@@ -11,7 +11,6 @@ import pytest
 from tcp_intercept import cli
 from tcp_intercept.config import FIELDS, Config
 
-pytestmark = pytest.mark.unit
 
 
 def test_every_field_is_set_by_an_option_listed_in_help():

@@ -20,7 +20,6 @@ PROCESSES = {"cli", "startup", "master", "worker", "listing", "channel", "handov
              "detach", "liveness", "policy_keeper"}
 OPERATORS = {"control", "request_server", "metrics", "status", "report", "ctl", "top"}
 
-pytestmark = pytest.mark.unit
 
 
 def imports(module: str) -> set[str]:

@@ -12,7 +12,6 @@ import pytest
 from tcp_intercept import liveness
 from tcp_intercept.liveness import HUNG_AFTER, PING_EVERY, Heartbeat, Pinger
 
-pytestmark = pytest.mark.unit
 
 
 @dataclass(eq=False)

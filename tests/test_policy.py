@@ -15,7 +15,6 @@ from tcp_intercept.errors import PolicyError
 from tcp_intercept.policy import SO_MARK
 from tcp_intercept.recipe import COPY, syn_fields
 
-pytestmark = pytest.mark.unit
 
 CONFIG = Config(congestion=None)
 LAN = """
@@ -246,6 +245,8 @@ def test_the_packaged_example_policy_loads():
     assert policy_file.bypass_lines(policy)[0] == "4 dst 203.0.113.7/32"
 
 
+# The reload probes the options on a real socket, as the daemon does: root.
+@pytest.mark.usefixtures("as_root")
 def test_reload_keeps_the_old_policy_on_a_bad_file_or_a_first_per_client_limit(tmp_path):
     from tcp_intercept.evloop import Loop
     from tcp_intercept.policy_keeper import PolicyKeeper
