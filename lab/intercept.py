@@ -7,10 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tcp_intercept.ctl import ask
+from tcp_intercept.logs import FLUSH_DELAY
 
 from .netns import TopologyError, borrow_sockets, listens, pid_alive, terminate, wait_for
 
@@ -168,6 +170,14 @@ class Daemon:
 
     def lines(self, text: str) -> list[str]:
         return [line for line in self.output().splitlines() if text in line]
+
+    def lines_by_now(self, text: str) -> list[str]:
+        """lines(text) once any connection line of what just happened is
+        written: for checking that something was NOT logged. The daemon
+        writes its connection lines within FLUSH_DELAY. (A check after a
+        fixed wait: prefer proving the negative from the other side.)"""
+        time.sleep(3 * FLUSH_DELAY)
+        return self.lines(text)
 
     def wait_log(self, text: str, timeout: float = 10, count: int = 1) -> list[str]:
         """The log lines containing text, once there are at least count of them."""
