@@ -29,7 +29,7 @@ from bench.phases import ECHO_PORT  # noqa: E402
 from bench.run import raise_descriptor_limit  # noqa: E402
 from bench.variants import world_for  # noqa: E402
 from tcp_intercept.ctl import ask  # noqa: E402
-from tests.topology import Daemon  # noqa: E402
+from lab.topology import Daemon  # noqa: E402
 
 QUESTIONS = ("none", "show conns", "show conns full")
 

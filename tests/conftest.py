@@ -16,10 +16,14 @@ every other test is ``unit`` and runs without root in seconds
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 
+from lab import delayline
+from lab.intercept import REPO
 from lab.peers import PeerServer
 from lab.topology import Daemon, Topology, sweep_stale
 
@@ -59,6 +63,17 @@ def topo(request, as_root):
     that needs another world names its factory in a module-level WORLD."""
     with getattr(request.module, "WORLD", Topology)() as world:
         yield world
+
+
+@pytest.fixture(scope="module")
+def slow_server_leg(topo):
+    """Connections to delayline.SLOW4 have a slow server leg (SLOW_MS); the
+    namespaces, and the delay line with them, go with the topology."""
+    delayline.setup(topo)
+    line = topo.popen(topo.srv, sys.executable, "-m", "lab.delayline",
+                      str(delayline.SLOW_MS / 1000), cwd=REPO, stdout=subprocess.PIPE,
+                      text=True)
+    assert line.stdout.readline().strip() == "ready"
 
 
 @pytest.fixture(scope="module")

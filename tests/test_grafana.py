@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from .intercept import REPO
-from .peers import ECHO, REFUSED, exchange, payload, sha256
-from .netns import terminate
-from .topology import inside, wait_for
+from lab.intercept import REPO
+from lab.peers import ECHO, REFUSED, exchange, payload, sha256
+from lab.netns import terminate
+from lab.topology import inside, wait_for
 
 DASHBOARD = REPO / "contrib" / "grafana" / "tcp-intercept.json"
 METRICS = "127.0.0.1:9109"

@@ -8,8 +8,6 @@ metrics' histograms must say the same."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -17,26 +15,12 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import delayline
-from .intercept import REPO
-from .peers import ECHO, REFUSED, RESET, exchange, payload, send_paced, sha256
-from .test_ss_view import ss
-from .topology import inside, wait_for
+from lab.delayline import FAST_MS, SLOW4, SLOW_MS
+from lab.peers import ECHO, REFUSED, RESET, exchange, payload, send_paced, sha256
+from lab.ss import ss
+from lab.topology import inside, wait_for
 
-SLOW_MS = 40
-FAST_MS = 20  # the client's leg stays under this even on a loaded machine
-SLOW4 = delayline.SLOW4
 METRICS = "[127.0.0.1]:[9107]"
-
-
-@pytest.fixture(scope="module")
-def slow_server_leg(topo):
-    """Connections to SLOW4 have a slow server leg (delayline.py); the
-    namespaces, and the delay line with them, go with the topology."""
-    delayline.setup(topo)
-    line = topo.popen(topo.srv, sys.executable, "-m", "tests.delayline", str(SLOW_MS / 1000),
-                      cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert line.stdout.readline().strip() == "ready"
 
 
 @pytest.fixture(scope="module")

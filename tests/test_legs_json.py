@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from .peers import ECHO, exchange, payload, sha256
-from .test_legs import FAST_MS, SLOW4, SLOW_MS
-from .test_legs import slow_server_leg as slow_server_leg  # a fixture
+from lab.delayline import FAST_MS, SLOW4, SLOW_MS
+from lab.peers import ECHO, exchange, payload, sha256
 
 
 def test_json_log_format_has_the_same_fields(topo, peers, slow_server_leg, start_daemon):

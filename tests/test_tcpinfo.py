@@ -11,7 +11,6 @@ import pytest
 
 from tcp_intercept import histograms, report, summary, tcpinfo
 
-pytestmark = pytest.mark.unit
 
 
 def raw_tcp_info(**fields: int) -> bytes:

@@ -18,9 +18,9 @@ import pytest
 
 from tcp_intercept import top
 
-from .intercept import REPO
-from .peers import ECHO, send_paced
-from .topology import wait_for
+from lab.intercept import REPO
+from lab.peers import ECHO, send_paced
+from lab.topology import wait_for
 
 CTL = str(REPO / ".venv" / "bin" / "tcp-intercept-ctl")
 SLOW_RATE, FAST_RATE = 100_000, 400_000  # bytes a second, each way (echoed)

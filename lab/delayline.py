@@ -11,7 +11,7 @@ least DELAY while the client's leg stays fast.
             locally (iif dl0: the rule no longer applies). Answers leave on
             s0 at once. dl0's MTU is large: GRO's merged packets pass whole.
 
-Run as `python -m tests.delayline DELAY` inside the server namespace (the
+Run as `python -m lab.delayline DELAY` inside the server namespace (the
 test starts it with Topology.popen and stops it by pid); it prints "ready"
 once dl0 is up.
 """
@@ -28,6 +28,8 @@ import sys
 import time
 
 SLOW4 = "10.91.4.2"
+SLOW_MS = 40  # what the tests delay the server leg by
+FAST_MS = 20  # the client's leg stays under this even on a loaded machine
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 
