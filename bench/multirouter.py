@@ -3,7 +3,7 @@
 
     bench/multirouter.sh [--rounds N] [--quick | --smoke] [--out DIR]
 
-Each round builds the multi-router world of tests/routers.py twice, with
+Each round builds the multi-router world of lab/routers.py twice, with
 one proxy router and with two (ECMP at the edge and the core, hash policy 3,
 one seed; static routes, no BIRD: nothing fails here), in an order reversed
 every other round, and runs tcp-interceptd -q -B client on every proxy
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.phases import ECHO_PORT, ECHO_SERVER, IPERF_PORT, LOADGEN  # noqa: E402
 from bench.run import raise_descriptor_limit, tune_client  # noqa: E402
-from tests.routers import Routers  # noqa: E402
+from lab.routers import Routers  # noqa: E402
 
 PROFILES = {"full": {"rate_s": 5, "iperf_s": 5, "rounds": 3},
             "quick": {"rate_s": 3, "iperf_s": 3, "rounds": 1},

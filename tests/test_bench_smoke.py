@@ -70,10 +70,9 @@ def test_the_record_says_where_and_how_it_was_measured(record):
     assert [t["metric"] for t in record["targets"]], "no target was evaluated"
 
 
-def test_the_multi_router_bench_runs_end_to_end(tmp_path):
+def test_the_multi_router_bench_runs_end_to_end(as_root, tmp_path):
     """bench/multirouter.py --smoke: one and two proxy routers, no failure,
     the second world's connections on both routers."""
-    need_root()
     result = subprocess.run([sys.executable, str(REPO / "bench" / "multirouter.py"), "--smoke",
                              "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=BOUND, check=False)

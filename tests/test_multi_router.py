@@ -1,5 +1,5 @@
 """Two proxy routers sharing the load by the kernel's ECMP, with BIRD and
-BFD for failover: contrib/multi-router's recipe, as tests/routers.py builds
+BFD for failover: contrib/multi-router's recipe, as lab/routers.py builds
 it, with the real daemon (-B client) on each proxy router.
 
 The story: connections spread over both routers, every byte intact, the
@@ -22,10 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import need_root
-from .netns import TopologyError, wait_for
-from .peers import ECHO, PeerServer, echo_burst, exchange, payload, sha256
-from .routers import RECIPE, Routers
+from lab.netns import TopologyError, wait_for
+from lab.peers import ECHO, PeerServer, echo_burst, exchange, payload, sha256
+from lab.routers import RECIPE, Routers
 
 CONNECTIONS = 200
 DETECTION = 3 * 0.1  # BFD in the recipe: 3 missed packets at 100 ms
@@ -36,8 +35,7 @@ _seeds = itertools.count(21_000_000)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    need_root()
+def world(as_root, tmp_path_factory):
     with Routers(workdir=tmp_path_factory.mktemp("routers")) as routers:
         routers.daemons = {i: start_proxy(routers, i) for i in (1, 2)}
         with PeerServer(routers) as peers:
@@ -233,10 +231,9 @@ def test_return_without_hand_off_breaks_about_half(world, record_property):
 
 
 @pytest.fixture(scope="module")
-def three(tmp_path_factory):
+def three(as_root, tmp_path_factory):
     """Three proxy routers; static nexthop groups that the test changes as
     BFD would (the failover itself is the two-router world's business)."""
-    need_root()
     with Routers(routers=3, bird=False, workdir=tmp_path_factory.mktemp("three")) as routers:
         routers.daemons = {i: start_proxy(routers, i) for i in (1, 2, 3)}
         with PeerServer(routers) as peers:

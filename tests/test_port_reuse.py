@@ -21,8 +21,8 @@ import pytest
 
 from tcp_intercept.sockopts import set_transparent
 
-from .netns import wait_for
-from .peers import payload, sha256
+from lab.netns import wait_for
+from lab.peers import payload, sha256
 
 TCP_CLOSE = 7
 PORT = 7100  # a server of this test's own that never closes its end

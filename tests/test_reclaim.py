@@ -10,7 +10,6 @@ import pytest
 
 from tcp_intercept import reclaim
 
-pytestmark = pytest.mark.unit
 
 
 def test_a_request_names_one_socket_by_its_4_tuple_and_cookie():

@@ -62,7 +62,7 @@ class Routers(Topology):
     def __init__(self, routers: int = 2, port: int = 5000, bird: bool = True,
                  workdir: Path | None = None):
         super().__init__(port=port, tproxy=False)
-        self.tag = "ti" + secrets.token_hex(3)
+        self.tag = f"ti{os.getpid()}x{secrets.token_hex(3)}"  # as Topology: swept if we die
         self.count = routers
         self.bird = bird
         self.workdir = Path(workdir) if workdir else None
