@@ -323,16 +323,9 @@ def test_sighup_reloads_too(topo, daemon, tmp_path):
     wait_for(lambda: _new_cc(topo, daemon) == "reno", 10, "the workers to take the reload")
 
 
-def test_client_mptcp_rule_tells_mptcp_clients_apart(topo, peers, far_peers, start_daemon,
-                                                      tmp_path):
-    policy = write_policy(tmp_path / "p.toml", """
-        [[rule]]
-        name = "mp"
-        client_mptcp = true
-        [rule.server_leg]
-        congestion = "reno"
-        """, topo)
-    daemon = start_daemon("-C", "cubic", "--policy", policy)
+def _plain_cubic_mptcp_reno(topo, daemon) -> None:
+    """A plain client's server leg gets the command line's cubic, an MPTCP
+    client's the client_mptcp rule's reno."""
     for proto, expected in ((socket.IPPROTO_TCP, "cubic"), (IPPROTO_MPTCP, "reno")):
         with inside(topo.cli):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
@@ -349,6 +342,19 @@ def test_client_mptcp_rule_tells_mptcp_clients_apart(topo, peers, far_peers, sta
             finally:
                 for s in borrowed:
                     s.close()
+
+
+def test_client_mptcp_rule_tells_mptcp_clients_apart(topo, peers, far_peers, start_daemon,
+                                                      tmp_path):
+    policy = write_policy(tmp_path / "p.toml", """
+        [[rule]]
+        name = "mp"
+        client_mptcp = true
+        [rule.server_leg]
+        congestion = "reno"
+        """, topo)
+    daemon = start_daemon("-C", "cubic", "--policy", policy)
+    _plain_cubic_mptcp_reno(topo, daemon)
 
 
 def test_a_rules_per_client_limit_and_idle_timeout_are_its_own(topo, peers, far_peers,
@@ -520,22 +526,7 @@ def test_client_mptcp_on_an_mptcp_listener(topo, peers, far_peers, start_daemon,
         congestion = "reno"
         """, topo)
     daemon = start_daemon("-C", "cubic", "--mptcp-listen", "--policy", policy, log_file=True)
-    for proto, expected in ((socket.IPPROTO_TCP, "cubic"), (IPPROTO_MPTCP, "reno")):
-        with inside(topo.cli):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
-        with sock:
-            sock.settimeout(10)
-            sock.connect((topo.SERVER4, ECHO))
-            sock.sendall(b"x")
-            assert sock.recv(1) == b"x"
-            borrowed = daemon.borrow_sockets()
-            try:
-                [outgoing] = [s for s in borrowed
-                              if _plain(_peer(s)) == (topo.SERVER4, ECHO)]
-                assert congestion(outgoing) == expected
-            finally:
-                for s in borrowed:
-                    s.close()
+    _plain_cubic_mptcp_reno(topo, daemon)
     assert daemon.lines_by_now("TCP_SAVE_SYN") == []
 
 
