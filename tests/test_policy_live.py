@@ -323,6 +323,16 @@ def test_sighup_reloads_too(topo, daemon, tmp_path):
     wait_for(lambda: _new_cc(topo, daemon) == "reno", 10, "the workers to take the reload")
 
 
+# MPTCP clients' server legs get reno (the command line says cubic).
+CLIENT_MPTCP_RENO = """
+        [[rule]]
+        name = "mp"
+        client_mptcp = true
+        [rule.server_leg]
+        congestion = "reno"
+        """
+
+
 def _plain_cubic_mptcp_reno(topo, daemon) -> None:
     """A plain client's server leg gets the command line's cubic, an MPTCP
     client's the client_mptcp rule's reno."""
@@ -346,13 +356,7 @@ def _plain_cubic_mptcp_reno(topo, daemon) -> None:
 
 def test_client_mptcp_rule_tells_mptcp_clients_apart(topo, peers, far_peers, start_daemon,
                                                       tmp_path):
-    policy = write_policy(tmp_path / "p.toml", """
-        [[rule]]
-        name = "mp"
-        client_mptcp = true
-        [rule.server_leg]
-        congestion = "reno"
-        """, topo)
+    policy = write_policy(tmp_path / "p.toml", CLIENT_MPTCP_RENO, topo)
     daemon = start_daemon("-C", "cubic", "--policy", policy)
     _plain_cubic_mptcp_reno(topo, daemon)
 
@@ -518,13 +522,7 @@ def test_reloads_under_traffic_cut_nothing(topo, peers, far_peers, start_daemon,
 
 
 def test_client_mptcp_on_an_mptcp_listener(topo, peers, far_peers, start_daemon, tmp_path):
-    policy = write_policy(tmp_path / "p.toml", """
-        [[rule]]
-        name = "mp"
-        client_mptcp = true
-        [rule.server_leg]
-        congestion = "reno"
-        """, topo)
+    policy = write_policy(tmp_path / "p.toml", CLIENT_MPTCP_RENO, topo)
     daemon = start_daemon("-C", "cubic", "--mptcp-listen", "--policy", policy, log_file=True)
     _plain_cubic_mptcp_reno(topo, daemon)
     assert daemon.lines_by_now("TCP_SAVE_SYN") == []
