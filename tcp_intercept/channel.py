@@ -10,6 +10,8 @@
                                 (if it is here), then an empty line
                        "drain"  stop accepting; exit once the last
                                 connection is gone (or --drain-timeout)
+                       "accept"  start accepting (a worker started by an
+                                upgrade waits for it: see "drained")
                        "held ADDRESS N", "closed ADDRESS N"
                                 the draining worker of this number holds
                                 N more, or N fewer, connections from
@@ -27,6 +29,11 @@
                        the answer to "conns"
                        "held ADDRESS N"   after "drain", with limits: what
                                 it holds, per client address
+                       "drained"  after those: it no longer accepts,
+                                and what it holds is said; the master
+                                then tells the new worker of its number
+                                "accept" (so only one of the two accepts
+                                at a time, and the limits are exact)
                        "closed ADDRESS N" then, as its connections close
                        "matched RULE N"   N more connections got the
                                 policy rule RULE (each second, if any)
@@ -62,6 +69,8 @@ class Word(enum.StrEnum):
     CONNS = "conns"     # "conns" or "conns full"
     CONN = "conn"       # "conn SELECTOR"
     DRAIN = "drain"
+    DRAINED = "drained"   # worker -> master: the answer, after its HELD lines
+    ACCEPT = "accept"     # master -> the new worker of that number: go
     HELD = "held"
     CLOSED = "closed"
     FLUSH = "flush"       # master -> worker: write out your log lines now

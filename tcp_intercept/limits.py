@@ -27,8 +27,9 @@ refused since the last such line.
 Across an upgrade the old worker N drains while the new worker N serves
 the same listening socket: the old one's connections go on counting
 against both limits in the new one (inherit(), forget(); the master passes
-them on), so the limits hold through the hand-over, but for the moment
-between the new workers' start and the old ones' drain.
+them on). The new one begins to accept only once the old one has stopped
+and said what it holds (channel.py: "drained", "accept"), so the limits
+hold exactly through the hand-over.
 
 The listener (listener.py) is the one owner of a worker's Limits: it admits
 each connection and releases it when it closes.

@@ -52,6 +52,7 @@ RESPAWN_DELAY = 1.0    # a worker failing to start is replaced after this long
 YOUNG = 1.0            # seconds: twice in a row dying this soon is failing to start
 CHECK_POLL = 0.05      # seconds between looks at an upgrade's check
 FLUSH_WAIT = 0.2       # seconds the workers get to write out their log lines
+DRAINED_WAIT = 1.0     # seconds an upgrade's new worker waits for the old one's "drained"
 
 
 @dataclass(eq=False)
@@ -65,6 +66,7 @@ class WorkerHandle:
     started: float = 0.0
     pinged: float | None = None  # when its unanswered ping went
     bypassing: bool = False      # --when-full bypass: full, not listening
+    successor: bool = False      # started by an upgrade: waits for "accept"
     conns_waiting: list = field(default_factory=list)  # callbacks for "conns" answers
     conns_lines: list = field(default_factory=list)
     # Draining, with limits: its connections per client address, which
@@ -118,6 +120,7 @@ class Master:
         self.taken = taken      # what an upgrade handed us
         self.started = taken.started if taken else time.time()
         self.upgrading = taken is not None
+        self.drain_sent: float | None = None  # when the old workers were told to drain
         self.loop = Loop(on_error=self._on_error)
         self.workers: dict[int, WorkerHandle] = {}
         self.policy_keeper = PolicyKeeper(config, policy, self.loop, self._tell_policy)
@@ -141,6 +144,13 @@ class Master:
         self.pinger = Pinger(self._on_hung)
         self.heartbeat = Heartbeat(config.listen.port)
         self.tick_timer = self.loop.timer(PING_EVERY, PING_EVERY)
+        self.one_word = {  # the lines of one word a worker sends, but for "conns" answers
+            Word.PONG: lambda handle, _: Pinger.pong(handle),
+            Word.FULL: self._on_bypass, Word.ROOM: self._on_bypass,
+            Word.READY: self._on_ready,
+            Word.FLUSHED: lambda handle, _: self._flushed(handle.pid),
+            Word.DRAINED: lambda handle, _: self._let_accept(handle.number),
+        }
         self.signals = []
         for signum, handler in ((signal.SIGINT, self._on_exit_signal),
                                 (signal.SIGTERM, self._on_exit_signal),
@@ -188,12 +198,16 @@ class Master:
             log.error("Can not start worker {}: fork(): {}", number, err.strerror)
             self._schedule_respawn()
             return
+        # During an upgrade the old worker of this number still accepts on
+        # the same listening socket: ours waits until it no longer does.
+        successor = self.upgrading and any(h.number == number and h.state == State.OLD
+                                           for h in self.workers.values())
         if pid == 0:
-            os._exit(self._become_worker(number, slot, theirs))
+            os._exit(self._become_worker(number, slot, theirs, successor))
         gc.unfreeze()
         theirs.close()
         self.board.slot(slot)[PID] = pid
-        handle = WorkerHandle(pid, number, slot, started=self.loop.now())
+        handle = WorkerHandle(pid, number, slot, started=self.loop.now(), successor=successor)
         self._watch(handle, ours)
         for old in self.workers.values():
             if old.number == number and old.held:
@@ -207,7 +221,8 @@ class Master:
                                  lambda: None)
         self.workers[handle.pid] = handle
 
-    def _become_worker(self, number: int, slot: int, channel: socket.socket) -> int:
+    def _become_worker(self, number: int, slot: int, channel: socket.socket,
+                       successor: bool) -> int:
         """In the forked child: drop everything of the master's, serve, exit."""
         try:
             for watcher in self.signals:  # libev: a signal belongs to one loop
@@ -229,21 +244,14 @@ class Master:
             self.logs.detach()
             worker = Worker(self.config, number, listener, channel, self.board.slot(slot),
                             self.logs, self.policy_keeper.policy, self.histograms.slot(slot))
-            return worker.run()
+            return worker.run(accepting=not successor)
         except BaseException:
             log.opt(exception=True).error("Worker {} failed", number)
             return EX_SOFTWARE
 
     def _on_line(self, handle: WorkerHandle, line: str) -> None:
-        if line == Word.PONG:
-            Pinger.pong(handle)
-        elif line in (Word.FULL, Word.ROOM):
-            handle.bypassing = line == Word.FULL
-        elif handle.state == State.STARTING and line == Word.READY:
-            handle.state = State.SERVING
-            self._check_ready()
-        elif line == Word.FLUSHED:
-            self._flushed(handle.pid)
+        if line in self.one_word:
+            self.one_word[line](handle, line)
         elif (counted := parse_count(line)) is not None:
             if counted[0] == Word.MATCHED:
                 self.policy_keeper.add(*counted[1:])
@@ -259,6 +267,14 @@ class Master:
                 lines, handle.conns_lines = handle.conns_lines, []
                 handle.conns_waiting.pop(0)(lines)
 
+    def _on_ready(self, handle: WorkerHandle, line: str) -> None:
+        if handle.state == State.STARTING:
+            handle.state = State.SERVING
+            self._check_ready()
+
+    def _on_bypass(self, handle: WorkerHandle, line: str) -> None:
+        handle.bypassing = line == Word.FULL
+
     def _pass_on(self, old: WorkerHandle, line: str, word: Word, address: str,
                  count: int) -> None:
         """A draining worker holds (or no longer holds) connections from a
@@ -272,6 +288,17 @@ class Master:
         for handle in self.workers.values():
             if handle.number == number and handle.state in (State.STARTING, State.SERVING):
                 handle.channel.send(*lines)
+
+    def _let_accept(self, number: int) -> None:
+        """The old worker `number` no longer accepts (it said "drained", or
+        exited, or did not answer in time): its successor begins to. So
+        the two never accept side by side, and every connection the old
+        one holds counts against the new one's limits before it accepts."""
+        for handle in self.workers.values():
+            if handle.number == number and handle.successor \
+                    and handle.state in (State.STARTING, State.SERVING):
+                handle.successor = False
+                handle.channel.send(Word.ACCEPT)
 
     def _check_ready(self) -> None:
         if self.status.workers_serving() < self.config.workers:
@@ -287,6 +314,10 @@ class Master:
         by a worker that answers (or, during an upgrade, by the old one)."""
         if self.stopping:
             return
+        if self.drain_sent is not None and self.loop.now() - self.drain_sent > DRAINED_WAIT:
+            self.drain_sent = None  # old workers that did not say "drained" (hung, or older)
+            for number in {h.number for h in self.workers.values() if h.successor}:
+                self._let_accept(number)
         serving = [h for h in self.workers.values() if h.state == State.SERVING]
         answering = self.pinger.tick(serving, self.loop.now())
         served = len(serving) >= self.config.workers or \
@@ -318,6 +349,8 @@ class Master:
         if handle.held:  # what it held when it went
             self._to_successor(handle.number, *(count_line(Word.CLOSED, address, count)
                                                 for address, count in handle.held.items()))
+        if handle.state in (State.OLD, State.DRAINING):
+            self._let_accept(handle.number)
         self.board.retire(handle.slot)
         self.histograms.fold(handle.slot)
         for callback in handle.conns_waiting:
@@ -419,6 +452,10 @@ class Master:
         for handle in old:
             handle.state = State.DRAINING
             handle.channel.send(Word.DRAIN)
+        self.drain_sent = self.loop.now()
+        for number in {h.number for h in self.workers.values() if h.successor} - \
+                {h.number for h in old}:
+            self._let_accept(number)  # its old worker is gone already
         log.info("Upgrade done: version {} serves with {} worker(s); {} old worker(s) "
                  "drain their connections", __version__, self.config.workers, len(old))
         notify("READY=1")

@@ -1,8 +1,10 @@
 """A worker: one process, one libev loop, accepting on its listener and
 relaying the connections it accepted. It knows of the master only its
-channel (ready, ping, conns, drain) and its slot of counters.
+channel (ready, ping, conns, drain, accept) and its slot of counters.
 
 Life of a worker:
+  waiting   started by an upgrade: ready, but not accepting until the old
+            worker of its number has stopped ("accept")
   serving   accepting and relaying
   draining  after "drain" (an upgrade started new workers): the listener is
             closed here (the master keeps it open for the new workers), the
@@ -93,9 +95,11 @@ class Worker:
         for signum in (signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(signum, signal.SIG_IGN)
 
-    def run(self) -> int:
-        """Serve until told to stop; the exit status."""
-        self.listener.start()
+    def run(self, accepting: bool = True) -> int:
+        """Serve until told to stop; the exit status. Not accepting: until
+        the master says "accept" (an upgrade's old worker still does)."""
+        if accepting:
+            self.listener.start()
         self.trim.start(self.pool.trim)
         if self.config.policy:
             self.match_timer.start(self._report_matches)
@@ -114,6 +118,9 @@ class Worker:
             self.listing.ask(line)
         elif line == Word.DRAIN:
             self._drain()
+        elif line == Word.ACCEPT:
+            if self.listener is not None:
+                self.listener.start()
         elif line == Word.FLUSH:
             self.logs.flush()
             self.channel.send(Word.FLUSHED)
@@ -185,16 +192,19 @@ class Worker:
         """Stop accepting; leave the loop once no connection is left. With
         limits, say what this worker holds, for the worker of its number
         that succeeds it (again at each "drain": a later upgrade's master
-        asks anew), and then each close."""
+        asks anew), and then each close. "drained" once the listener is
+        closed: the successor may accept."""
         if self.limited:
             held = Counter(connection.peer[0] for connection in self.table.connections())
             self.channel.send(*(count_line(Word.HELD, address, count)
                                 for address, count in held.items()))
         if self.listener is None:
+            self.channel.send(Word.DRAINED)
             return
         # Our connections no longer count for our successor as they close.
         self.listener.close(self._closed_while_draining if self.limited else None)
         self.listener = None
+        self.channel.send(Word.DRAINED)
         self.table.on_empty = self.loop.stop
         if not len(self.table):
             self.loop.stop()

@@ -146,10 +146,10 @@ def test_a_worker_that_cannot_start_fails_the_launch_with_71(topo, start_daemon,
     shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
                     ignore=shutil.ignore_patterns("__pycache__"))
     worker = install / "tcp_intercept" / "worker.py"
-    worker.write_text(worker.read_text().replace(
-        '        """Serve until told to stop; the exit status."""',
-        '        """Serve until told to stop; the exit status."""\n'
-        '        raise RuntimeError("planted: this worker cannot start")'))
+    worker.write_text(worker.read_text() + (
+        "\n\ndef _planted(*args, **kwargs):\n"
+        "    raise RuntimeError('planted: this worker cannot start')\n\n\n"
+        "Worker.run = _planted\n"))
     daemon = start_daemon(foreground=False, pid_file=True, log_file=True, repo=install)
     assert daemon.launcher_status == 71, daemon.output()
     assert "Worker 1 exited with status 70 during start-up" in daemon.output()
