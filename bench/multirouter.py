@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.phases import ECHO_PORT, ECHO_SERVER, IPERF_PORT, LOADGEN  # noqa: E402
-from bench.run import raise_descriptor_limit, tune_client  # noqa: E402
+from bench.run import raise_descriptor_limit, tune  # noqa: E402
 from lab.routers import Routers  # noqa: E402
 
 PROFILES = {"full": {"rate_s": 5, "iperf_s": 5, "rounds": 3},
@@ -58,7 +58,7 @@ def say(text: str) -> None:
 def measure(count: int, profile: dict, workdir: Path, tag: str) -> dict:
     """One world of `count` proxy routers: rate, then bulk."""
     with Routers(routers=count, bird=False, workdir=workdir) as world:
-        tune_client(world)
+        tune(world.cli, *world.routers, world.srv)
         world.serve(world.srv, ECHO_PORT, sys.executable, str(ECHO_SERVER), "--port",
                     str(ECHO_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         daemons = [world.start_daemon(i, "-q", "-B", "client", control=True,

@@ -55,7 +55,12 @@ PROFILES = {
 ROUNDS = {"full": 3, "quick": 1, "smoke": 1}
 ROUND_LIMIT = {"full": 420, "quick": 240, "smoke": 90}  # seconds per round, both paths
 DESCRIPTORS = 65536  # wanted; the daemon needs 2 per connection
-CLIENT_SYSCTLS = {"net/ipv4/tcp_tw_reuse": "1", "net/ipv4/ip_local_port_range": "1024 65535"}
+# As ../shared/bench's topo.sh sets them in all three namespaces: without
+# them in the router, a proxy that binds the client's address with port 0
+# (HAProxy's usesrc clientip) searches a crowded default port range and pays
+# several times its usual system time per connection.
+SYSCTLS = {"net/ipv4/tcp_tw_reuse": "1", "net/ipv4/ip_local_port_range": "1024 65535",
+           "net/core/somaxconn": "4096"}
 PROBLEMS = ("WARNING", "ERROR", "CRITICAL", "Traceback")
 
 
@@ -109,18 +114,20 @@ def raise_descriptor_limit(concurrent: int) -> None:
                 "connections through the daemon (2 descriptors each)")
 
 
-def tune_client(topo: Topology) -> None:
-    """Quick reuse of the client's own ports, and many of them: client namespace only."""
-    with inside(topo.cli):
-        for key, value in CLIENT_SYSCTLS.items():
-            Path("/proc/sys", key).write_text(value + "\n")
+def tune(*namespaces: str) -> None:
+    """Quick reuse of local ports, and many of them, in each namespace (the
+    client, the routers, the server): the shared rig's settings."""
+    for ns in namespaces:
+        with inside(ns):
+            for key, value in SYSCTLS.items():
+                Path("/proc/sys", key).write_text(value + "\n")
 
 
 def measure_path(proxied: bool, args: argparse.Namespace, workdir: Path, rnd: int) -> dict:
     name = "proxied" if proxied else "direct"
     raw: dict = {"path": name, "proxied": proxied, "seconds": {}, "failed": {}}
     with Topology(tproxy=proxied) as topo:
-        tune_client(topo)
+        tune(topo.cli, topo.rtr, topo.srv)
         topo.serve(topo.srv, ECHO_PORT, sys.executable, str(ECHO_SERVER), "--port",
                    str(ECHO_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         daemon = None

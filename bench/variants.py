@@ -63,7 +63,7 @@ from bench import procfs  # noqa: E402
 from bench.nocount import stubbed_copy  # noqa: E402
 from bench.policy import MANY_PREFIXES, ONE_RULE, write_policies  # noqa: E402
 from bench.phases import ECHO_PORT, ECHO_SERVER, GB, Profile, World, iperf  # noqa: E402
-from bench.run import raise_descriptor_limit, tune_client  # noqa: E402
+from bench.run import raise_descriptor_limit, tune  # noqa: E402
 from lab.topology import Daemon, Topology  # noqa: E402
 
 BASE = ["-B", "client"]
@@ -116,7 +116,7 @@ def world_for(proxied: bool):
     topo = Topology(tproxy=proxied)
     topo.__enter__()
     try:
-        tune_client(topo)
+        tune(topo.cli, topo.rtr, topo.srv)
         topo.serve(topo.srv, ECHO_PORT, sys.executable, str(ECHO_SERVER), "--port",
                    str(ECHO_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except BaseException:

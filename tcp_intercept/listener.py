@@ -73,13 +73,15 @@ class Listener:
     """Accepts, and with limits (limits.py) owns them: it admits each
     connection and releases it when it closes (ctx.on_close). Once closed
     (a draining worker), each release goes to the after_close given to close()."""
-    __slots__ = ("sock", "ctx", "port", "host", "wildcard", "watcher", "timer",
+    __slots__ = ("sock", "family", "proto", "ctx", "port", "host", "wildcard", "watcher", "timer",
                  "backing_off", "limits", "closed", "after_close",
                  "on_bypass")
 
     def __init__(self, sock: socket.socket, addr: Address, ctx: Context,
                  limits: Limits | None = None):
         self.sock = sock
+        # Plain ints: socket.socket's family property makes an enum each time.
+        self.family, self.proto = int(sock.family), sock.proto
         self.ctx = ctx
         self.limits = limits
         self.closed = False
@@ -156,13 +158,13 @@ class Listener:
         # Counted before the client can see it: who saw the reset and then
         # asks show info finds it counted.
         self.ctx.ctr[counters.FULL_RESET] += 1  # count
-        client = _socket.socket(self.sock.family, socket.SOCK_STREAM, self.sock.proto, fd)
+        client = _socket.socket(self.family, socket.SOCK_STREAM, self.proto, fd)
         reset_on_close(client)
         client.close()
 
     def _take(self, fd: int, peer: tuple) -> bool:
         """Relay the accepted connection, or drop it; False: stop accepting now."""
-        client = _socket.socket(self.sock.family, socket.SOCK_STREAM, self.sock.proto, fd)
+        client = _socket.socket(self.family, socket.SOCK_STREAM, self.proto, fd)
         try:
             client.setblocking(False)
             dst = client.getsockname()
@@ -215,7 +217,7 @@ class Listener:
         a policy reads it for DSCP copy and the client's MPTCP. An MPTCP
         listener refuses it: there the accepted socket tells MPTCP, and a
         policy with DSCP copy does not load (policy_file.py)."""
-        if self.sock.proto == IPPROTO_MPTCP:
+        if self.proto == IPPROTO_MPTCP:
             return
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, int(on))
@@ -242,7 +244,7 @@ class Listener:
             return dst[0] == self.host
         # Bound to the wildcard: any local address on our port is us. An
         # address is local exactly when a plain bind() to it succeeds.
-        probe = socket.socket(self.sock.family, socket.SOCK_STREAM)
+        probe = socket.socket(self.family, socket.SOCK_STREAM)
         try:
             probe.bind((dst[0], 0))
         except OSError:
