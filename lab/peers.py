@@ -258,11 +258,35 @@ class PeerServer:
                 raise TopologyError(f"only {self.accepted} of {count} connections accepted")
 
 
-def send_paced(sock, rate: int, stop: threading.Event) -> None:
-    """rate bytes a second in 20 chunks, on a schedule (a late chunk does
-    not push the next ones back), until stop."""
-    chunk, start, sent = b"p" * (rate // 20), time.monotonic(), 0
-    while not stop.is_set():
-        sock.sendall(chunk)
-        sent += 1
-        time.sleep(max(start + sent / 20 - time.monotonic(), 0))
+@contextlib.contextmanager
+def paced_echo(sock, rate: int):
+    """While inside: rate bytes a second sent on sock, a connection to the
+    echo server, in 20 chunks a second on a schedule (a late chunk does not
+    push the next ones back), and the echo read and dropped. On the way out
+    both threads stop and sock is shut down (not closed)."""
+    stop = threading.Event()
+
+    def send() -> None:
+        chunk, start, sent = b"p" * (rate // 20), time.monotonic(), 0
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                sock.sendall(chunk)
+                sent += 1
+                time.sleep(max(start + sent / 20 - time.monotonic(), 0))
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set() and sock.recv(65536):
+                pass
+
+    threads = [threading.Thread(target=send), threading.Thread(target=drain)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(5)

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.delayline import FAST_MS, SLOW4, SLOW_MS
-from lab.peers import ECHO, REFUSED, RESET, exchange, payload, send_paced, sha256
+from lab.peers import ECHO, REFUSED, RESET, exchange, paced_echo, payload, sha256
 from lab.ss import ss
 from lab.topology import inside, wait_for
 
@@ -85,26 +85,10 @@ def exchange_keep_open(sock, data: bytes) -> str:
 def test_show_conn_measures_a_transfer_of_known_rate(topo, daemon):
     """200 KB/s for 3 s each way (the echo returns it): show conn's two
     readings, 1 s apart, see about that."""
-    rate, stop = 200_000, threading.Event()
-    with topo.connect(topo.cli, SLOW4, ECHO) as sock:
-        def send() -> None:
-            send_paced(sock, rate, stop)
-
-        def drain() -> None:
-            while not stop.is_set() and sock.recv(65536):
-                pass
-
-        threads = [threading.Thread(target=send), threading.Thread(target=drain)]
-        for thread in threads:
-            thread.start()
-        try:
-            time.sleep(0.5)
-            shown = fields(daemon.ask("show conn [{}]:{}".format(*sock.getsockname())).splitlines())
-        finally:
-            stop.set()
-            sock.shutdown(2)
-            for thread in threads:
-                thread.join(5)
+    rate = 200_000
+    with topo.connect(topo.cli, SLOW4, ECHO) as sock, paced_echo(sock, rate):
+        time.sleep(0.5)
+        shown = fields(daemon.ask("show conn [{}]:{}".format(*sock.getsockname())).splitlines())
     assert 0.99 <= float(shown["Measured_over_s"]) < 1.2
     for way in ("c2s", "s2c"):
         assert 0.6 * rate < float(shown[f"Throughput_{way}_Bps"]) < 1.5 * rate, shown

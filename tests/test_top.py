@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from tcp_intercept import top
 
 from lab.intercept import REPO
-from lab.peers import ECHO, send_paced
+from lab.peers import ECHO, paced_echo
 from lab.topology import wait_for
 
 CTL = str(REPO / ".venv" / "bin" / "tcp-intercept-ctl")
@@ -73,30 +72,8 @@ def tmux():
 def paced(topo, rate: int):
     """A connection through the daemon sending rate bytes a second (20 chunks
     a second) to the echo server and reading the echo: the client's port."""
-    stop = threading.Event()
-    sock = topo.connect(topo.cli, topo.SERVER4, ECHO)
-
-    def send() -> None:
-        with contextlib.suppress(OSError):
-            send_paced(sock, rate, stop)
-
-    def drain() -> None:
-        with contextlib.suppress(OSError):
-            while not stop.is_set() and sock.recv(65536):
-                pass
-
-    threads = [threading.Thread(target=send), threading.Thread(target=drain)]
-    for thread in threads:
-        thread.start()
-    try:
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock, paced_echo(sock, rate):
         yield sock.getsockname()[1]
-    finally:
-        stop.set()
-        with contextlib.suppress(OSError):
-            sock.shutdown(2)
-        for thread in threads:
-            thread.join(5)
-        sock.close()
 
 
 def row_of(screen: str, port: int) -> tuple[int, list[str]]:
