@@ -134,6 +134,37 @@ def test_a_broken_install_leaves_the_old_daemon_serving(topo, peers, start_daemo
     assert daemon.info()["Workers"] == "2"
 
 
+def test_new_workers_accept_even_if_the_old_ones_never_say_drained(topo, peers, start_daemon,
+                                                                   tmp_path):
+    """The new worker N waits for the old worker N's "drained" before it
+    accepts (channel.py). Old workers that never say it (an older program,
+    or one stuck) hold it back a second at most: once they stop accepting,
+    a connection is served only if the new one took over anyway."""
+    install = tmp_path / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    worker = install / "tcp_intercept" / "worker.py"
+    text = worker.read_text()
+    assert text.count("self.channel.send(Word.DRAINED)") == 2
+    worker.write_text(text.replace("self.channel.send(Word.DRAINED)", "pass"))
+    daemon = start_daemon(control=True, log_file=True, repo=install)
+    [old] = wait_for(lambda: len(daemon.workers()) == 1 and daemon.workers(), 10, "worker")
+    # A connection keeps the old worker draining (else its exit lets the new one go).
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as held:
+        held.sendall(b"held")
+        assert held.recv(4, socket.MSG_WAITALL) == b"held"
+        daemon.signal(signal.SIGUSR2)
+        upgraded(daemon)
+        with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+            sock.settimeout(10)
+            sock.sendall(b"served")
+            assert sock.recv(6, socket.MSG_WAITALL) == b"served"
+        assert pid_alive(old)
+    wait_for(lambda: not pid_alive(old), 10, "the old worker to exit")
+    [new] = daemon.workers()
+    assert new != old
+
+
 def test_a_slow_check_holds_up_nothing(topo, peers, start_daemon, tmp_path):
     """While the installed program's check is still starting (it waits for
     a gate the test opens last), the master answers the control socket and
