@@ -13,9 +13,9 @@
 #                       intercepted connection, or the daemon's own outgoing
 #                       one with -B client) is marked and left alone;
 #                    2. skip interception: a packet to one of this host's
-#                       addresses is left alone, and one from or to an
-#                       address in the bypass set (the policy's, see
-#                       "Bypass" below), and with --pass-mark one that
+#                       addresses is left alone, and one to a bypassed
+#                       destination or from a bypassed client (the
+#                       policy's, see "Bypass" below), and with --pass-mark one that
 #                       rules of the operator's own marked so (e.g.
 #                       contrib/multi-router's hand-off); every rule that
 #                       exempts traffic from interception goes here:
@@ -23,8 +23,16 @@
 #                    3. fail open (--fail open, the default): a packet is
 #                       left alone, forwarded as if there were no proxy,
 #                       while the daemon cannot take it (below);
-#                    4. every other packet goes to TPROXY on PORT, marked;
-#                       with --fail closed, one that nothing takes is dropped.
+#                    4. every other connection's first packet (a SYN) goes
+#                       to TPROXY on PORT, marked; with --fail closed, one
+#                       that nothing takes is dropped. Later packets never
+#                       do: those of an intercepted connection match rule 1,
+#                       and those of one that went past the proxy (while it
+#                       was down or full) go on past it when it is back,
+#                       instead of meeting its listener, which resets them.
+#                       The price: a handshake the listener answered with a
+#                       SYN cookie (its SYN queue overflowing) has no socket
+#                       for its last ACK to find, and fails.
 #
 # Failing open must not depend on the daemon's cleanup (a SIGKILL runs
 # none), so it rests on what the kernel itself knows at each packet:
@@ -62,13 +70,14 @@
 # _installed / _show, taking the family (4 or 6).
 #
 # Bypass (tcp-intercept's policy, its `bypass = true` rules): their prefixes
-# go in one set per family, which rule B consults both ways (packets to a
-# bypassed destination and its answers from it, packets from a bypassed
-# client and the answers to it), so those connections are routed as if there
-# were no daemon. nft: the set `bypass` of our table; iptables: the ipset
-# tcp_intercept_bypass4 / _bypass6. `up --policy FILE` fills it; `bypass
-# --policy FILE` (the package's reload) replaces its contents in place, in
-# one transaction (nft) or one swap (ipset), changing no rule. The list
+# go in two sets per family, destinations and clients, which rule 2 consults
+# for a SYN's destination and source address, so those connections are
+# routed as if there were no daemon (their later packets never meet TPROXY
+# anyway). nft: the sets `bypass_dst` and `bypass_src` of our table;
+# iptables: the ipsets tcp_intercept_bypass4dst / 4src / 6dst / 6src.
+# `up --policy FILE` fills them; `bypass --policy FILE` (the package's
+# reload) replaces their contents in place, in one transaction (nft) or one
+# swap per set (ipset), changing no rule. The list
 # comes from `python3 -m tcp_intercept.policy_file FILE` ($TCP_INTERCEPT_PYTHON
 # for another interpreter). Its functions are bypass_*, in a section of
 # their own below.
@@ -81,6 +90,12 @@ ALIVE_CHAIN=TCP_INTERCEPT_ALIVE
 RECENT=tcp_intercept
 HEARTBEAT=1  # seconds without the daemon's heartbeat before iptables fails open
 NFT_TABLE=tcp_intercept
+# TPROXY takes a connection's first packet only (iptables' --syn): the
+# others of an intercepted connection find its socket (the rule before), and
+# those of a connection that went past the proxy (daemon down, full, or a
+# bypass) go on past it, instead of meeting the listener, which would reset
+# them, once the daemon is back.
+NFT_SYN="tcp flags & (fin | syn | rst | ack) == syn"
 RT_PROTO=84
 EX_USAGE=64
 
@@ -134,7 +149,7 @@ Options:
 up installs the rules, or replaces ours with the options given; it is
 idempotent. down removes everything this script installed in the families
 chosen, whatever options up had; with nothing installed it does nothing.
-status prints what is installed. bypass replaces the bypass set's contents
+status prints what is installed. bypass replaces the bypass sets' contents
 with the policy's (after the policy changed; up does it too). With --fail
 open the order of up and the daemon's start does not matter; with --fail
 closed start the daemon first: the rules then drop forwarded TCP that no
@@ -386,7 +401,7 @@ $alive_chain
 -A $CHAIN -p tcp -m socket --transparent -j RETURN
 $(iptables_skip_rules "$1")
 $(iptables_fail_rules "$1")
--A $CHAIN -p tcp -j TPROXY --on-port $PORT --tproxy-mark $MARK/$MASK
+-A $CHAIN -p tcp --syn -j TPROXY --on-port $PORT --tproxy-mark $MARK/$MASK
 $jump
 $alive_jump
 COMMIT
@@ -449,9 +464,9 @@ nft_ruleset() {
 	# connections passed so), --fail closed drops it as iptables' TPROXY
 	# target does.
 	if [ "$FAIL" = open ]; then
-		nothing_listens="meta l4proto tcp tcp flags & (syn | ack) == syn counter"
+		nothing_listens="meta l4proto tcp $NFT_SYN counter"
 	else
-		nothing_listens="meta l4proto tcp drop"
+		nothing_listens="meta l4proto tcp $NFT_SYN drop"
 	fi
 	# Declaring, deleting and re-creating the table in one file is one
 	# transaction: the old rules are replaced atomically.
@@ -464,7 +479,7 @@ $(bypass_nft_set "$1")
 		type filter hook prerouting priority -150; policy accept;
 		meta l4proto tcp socket transparent 1 $setmark accept
 		$(nft_skip_rules "$1")
-		meta l4proto tcp tproxy to :$PORT $setmark accept
+		meta l4proto tcp $NFT_SYN tproxy to :$PORT $setmark accept
 		$nothing_listens
 	}
 }
@@ -500,81 +515,94 @@ nft_installed() {
 # The policy's bypass prefixes of one family, one per line (none without
 # --policy). A policy that does not parse stops us: better no change than
 # a bypass set emptied by mistake.
-bypass_prefixes() {
-	local fam=$1 list
+bypass_lines() { # family: "dst|src PREFIX" lines
+	local list
 	[ -n "$POLICY" ] || return 0
 	list=$("${TCP_INTERCEPT_PYTHON:-python3}" -m tcp_intercept.policy_file "$POLICY") ||
 		die "--policy: cannot read the bypass rules of $POLICY (see above)"
-	printf '%s\n' "$list" | sed -n "s/^$fam [a-z]* //p"
+	printf '%s\n' "$list" | sed -n "s/^$1 //p"
 }
 
-# The rule that consults the set, both ways (a bypassed destination's
-# answers come from it; a bypassed client's go to it).
+# One family's bypassed prefixes of one way (dst or src), comma-separated,
+# from bypass_lines' output.
+bypass_join() { # lines way
+	printf '%s\n' "$1" | sed -n "s/^$2 //p" | paste -sd, -
+}
+
+# The sets: a connection's first packet (the only one TPROXY takes) is
+# left alone when it goes to a bypassed destination (daddr) or comes from a
+# bypassed client (saddr); a bypassed destination's own clients are not.
 bypass_nft_rules() {
 	local fam
 	fam=$(nft_family "$1")
-	printf '\t\tmeta l4proto tcp %s saddr @bypass accept\n' "$fam"
-	printf '\t\tmeta l4proto tcp %s daddr @bypass accept\n' "$fam"
+	printf '\t\tmeta l4proto tcp %s daddr @bypass_dst accept\n' "$fam"
+	printf '\t\tmeta l4proto tcp %s saddr @bypass_src accept\n' "$fam"
 }
 
 bypass_nft_set() {
-	local fam=$1 type=ipv4_addr prefixes
-	[ "$fam" = 4 ] || type=ipv6_addr
-	prefixes=$(bypass_prefixes "$fam") || exit 1
-	printf '\tset bypass {\n\t\ttype %s; flags interval; auto-merge;\n' "$type"
-	[ -z "$prefixes" ] || printf '\t\telements = { %s }\n' "$(printf '%s\n' "$prefixes" | paste -sd, -)"
-	printf '\t}\n'
+	local type=ipv4_addr lines way elements
+	[ "$1" = 4 ] || type=ipv6_addr
+	lines=$(bypass_lines "$1") || exit 1
+	for way in dst src; do
+		elements=$(bypass_join "$lines" "$way")
+		printf '\tset bypass_%s {\n\t\ttype %s; flags interval; auto-merge;\n' "$way" "$type"
+		[ -z "$elements" ] || printf '\t\telements = { %s }\n' "$elements"
+		printf '\t}\n'
+	done
 }
 
-# Replace the set's contents in one transaction: no moment without them.
+# Replace the sets' contents in one transaction: no moment without them.
 bypass_nft_update() {
-	local fam table prefixes
-	fam=$(nft_family "$1")
-	table="$fam $NFT_TABLE"
-	nft list set $table bypass >/dev/null 2>&1 || return 0  # not installed: up fills it
-	prefixes=$(bypass_prefixes "$1") || exit 1
+	local table lines way elements
+	table="$(nft_family "$1") $NFT_TABLE"
+	nft list set $table bypass_dst >/dev/null 2>&1 || return 0  # not installed: up fills it
+	lines=$(bypass_lines "$1") || exit 1
 	{
-		echo "flush set $table bypass"
-		[ -z "$prefixes" ] || echo "add element $table bypass { $(printf '%s\n' "$prefixes" | paste -sd, -) }"
+		for way in dst src; do
+			elements=$(bypass_join "$lines" "$way")
+			echo "flush set $table bypass_$way"
+			[ -z "$elements" ] || echo "add element $table bypass_$way { $elements }"
+		done
 	} | nft -f -
 }
 
-bypass_ipset_name() {
-	echo "$IPSET_PREFIX$1"
+bypass_ipset_name() { # family way
+	echo "$IPSET_PREFIX$1$2"
 }
 
-# The ipset's rules in our chain, with --policy only (no ipset needed otherwise).
+# The ipsets' rules in our chain, with --policy only (no ipset needed otherwise).
 bypass_iptables_rules() {
-	local set
 	[ -n "$POLICY" ] || return 0
-	set=$(bypass_ipset_name "$1")
-	echo "-A $CHAIN -p tcp -m set --match-set $set src -j RETURN"
-	echo "-A $CHAIN -p tcp -m set --match-set $set dst -j RETURN"
+	echo "-A $CHAIN -p tcp -m set --match-set $(bypass_ipset_name "$1" dst) dst -j RETURN"
+	echo "-A $CHAIN -p tcp -m set --match-set $(bypass_ipset_name "$1" src) src -j RETURN"
 }
 
-# Fill the ipset: a new one swapped in, so the rules never see it half full.
+# Fill the ipsets: new ones swapped in, so the rules never see one half full.
 bypass_ipset_fill() {
-	local fam=$1 set family=inet prefixes
+	local fam=$1 family=inet lines way set
 	[ -n "$POLICY" ] || return 0
 	command -v ipset >/dev/null || die "--policy with iptables needs the ipset command (apt install ipset)"
 	[ "$fam" = 4 ] || family=inet6
-	set=$(bypass_ipset_name "$fam")
-	prefixes=$(bypass_prefixes "$fam") || exit 1
-	ipset -exist create "$set" hash:net family "$family"
-	ipset -exist create "$set.new" hash:net family "$family"
-	ipset flush "$set.new"
-	{
-		printf '%s\n' "$prefixes" | sed -n "s/^\(..*\)/add $set.new \1/p"
-	} | ipset -exist restore
-	ipset swap "$set.new" "$set"
-	ipset destroy "$set.new"
+	lines=$(bypass_lines "$fam") || exit 1
+	for way in dst src; do
+		set=$(bypass_ipset_name "$fam" "$way")
+		ipset -exist create "$set" hash:net family "$family"
+		ipset -exist create "$set.new" hash:net family "$family"
+		ipset flush "$set.new"
+		printf '%s\n' "$lines" | sed -n "s/^$way \(..*\)/add $set.new \1/p" | ipset -exist restore
+		ipset swap "$set.new" "$set"
+		ipset destroy "$set.new"
+	done
 }
 
 bypass_ipset_down() {
-	local set
+	local way set
 	command -v ipset >/dev/null || return 0
-	set=$(bypass_ipset_name "$1")
-	if ipset list -n "$set" >/dev/null 2>&1; then ipset destroy "$set"; fi
+	# "" too: the one set of both ways that 2.1.0's first builds made.
+	for way in dst src ""; do
+		set=$(bypass_ipset_name "$1" "$way")
+		if ipset list -n "$set" >/dev/null 2>&1; then ipset destroy "$set"; fi
+	done
 }
 
 cmd_bypass() {
@@ -626,7 +654,7 @@ cmd_up() {
 	local fam backend
 	for fam in $FAMILIES; do
 		# A policy that does not parse stops us before anything changes.
-		bypass_prefixes "$fam" >/dev/null
+		bypass_lines "$fam" >/dev/null
 		backend=${BACKEND:-$(pick_backend "$fam")}
 		# Checked before anything changes, so a failure leaves no half set.
 		"${backend}_usable" "$fam" ||

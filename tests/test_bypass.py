@@ -1,10 +1,11 @@
 """The policy's bypass rules in the firewall: tproxy.sh --policy puts their
-prefixes in a set (nft) or an ipset (iptables) that its rules skip, so a
-bypassed connection is routed as if there were no daemon. Proof from both
+prefixes in sets (nft) or ipsets (iptables), destinations apart from
+clients, that its rules skip, so a bypassed connection is routed as if
+there were no daemon. Proof from both
 ends: the daemon never lists it (show conns, its log), and the server reads
 the client's own SYN (TCP_SAVED_SYN on the server's socket: the client's
 TTL less one hop, not a SYN of the router's stack); everything else is
-still intercepted. `tproxy.sh bypass` changes the set in place.
+still intercepted. `tproxy.sh bypass` changes the sets in place.
 """
 
 from __future__ import annotations
@@ -97,6 +98,38 @@ def test_bypassed_destinations_never_reach_the_daemon(topo, peers, start_daemon,
     ttl, client = syn_seen_by_server(topo, topo.SERVER4)
     with client:
         assert ttl == CLIENT_TTL - 1
+
+
+def peer_seen_by_client(topo) -> str:
+    """A connection the other way, from the server to a listener of the
+    client: the address the client saw it come from (the router's, when
+    intercepted without -B client)."""
+    listener = topo.socket(topo.cli)
+    with listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((topo.CLIENT4, PROBE_PORT))
+        listener.listen(8)
+        listener.settimeout(10)
+        with topo.connect(topo.srv, topo.CLIENT4, PROBE_PORT):
+            accepted, peer = listener.accept()
+            accepted.close()
+    return peer[0]
+
+
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_a_bypassed_destination_s_own_connections_are_intercepted(topo, peers, start_daemon,
+                                                                  tmp_path, backend):
+    """A destination bypassed is not a client bypassed: the connections it
+    opens itself (here the server toward the client) are intercepted."""
+    start_daemon(listen=f"[::]:[{topo.port}]", control=True)
+    policy = write(tmp_path / "policy.toml", f"{topo.SERVER4}/32")
+    tproxy_sh(topo, "--backend", backend, "--policy", policy, "up")
+    if backend == "iptables":
+        topo.wait_heartbeat("4")  # TPROXY applies once the daemon's heartbeat is seen
+    assert peer_seen_by_client(topo) == topo.ROUTER4_C
+    write(tmp_path / "policy.toml", f"{topo.SERVER4}/32", key="client")
+    tproxy_sh(topo, "--backend", backend, "--policy", policy, "bypass")
+    assert peer_seen_by_client(topo) == topo.SERVER4
 
 
 def test_bypassed_clients_and_everything_else_intercepted(topo, peers, start_daemon,

@@ -110,6 +110,33 @@ def test_kill_9_fails_open_within_2_s_and_a_restart_intercepts_again(
     assert through(topo, peers, family)[0] == router(topo, family)
 
 
+def still_relays(sock: socket.socket, peers) -> str:
+    """hold()'s connection carries 100 kB more both ways, intact, and ends
+    cleanly; the address the server saw it come from."""
+    data = payload(100_000, seed=next(_seeds))
+    with sock:
+        sock.settimeout(10)
+        assert exchange(sock, data) == (len(data), sha256(data), "eof")
+    [record] = peers.wait_digests({sha256(b"held" + data)})
+    return record.peer[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_connection_that_went_past_lives_on_when_the_daemon_is_back(
+        topo, peers, start_daemon, backend):
+    """Its packets after the SYN never meet TPROXY: the listener that is back
+    does not reset them."""
+    daemon = detached(start_daemon)
+    tproxy_up(topo, backend, family="4")
+    wait_heartbeat(topo, backend)
+    kill_all(daemon)
+    passed = hold(topo)
+    start_daemon()
+    wait_heartbeat(topo, backend)
+    assert through(topo, peers)[0] == router(topo)  # intercepting again
+    assert still_relays(passed, peers) == client(topo)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fail_closed_keeps_todays_behaviour(topo, peers, start_daemon, backend):
     daemon = detached(start_daemon)
@@ -290,6 +317,7 @@ def test_full_bypass_lets_new_connections_pass_until_there_is_room(topo, peers,
         held.append(hold(topo))
     try:
         assert through(topo, peers)[0] == client(topo), "full, yet not passed"
+        passed = hold(topo)
         info = daemon.info()
         assert info["When_full"] == "bypass"
         assert 'tcp_intercept_when_full_info{mode="bypass"} 1.0' in daemon.ask("show metrics")
@@ -300,3 +328,5 @@ def test_full_bypass_lets_new_connections_pass_until_there_is_room(topo, peers,
     wait_for(lambda: daemon.info()["Connections_open"] == "0", 5, "the closes")
     wait_heartbeat(topo, backend)
     assert through(topo, peers)[0] == router(topo)
+    # What went past while it was full goes on past it.
+    assert still_relays(passed, peers) == client(topo)
