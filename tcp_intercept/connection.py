@@ -268,12 +268,14 @@ class Connection:
         """What a peer did (a reset, a vanished peer) is a per-connection line,
         silenced by -q like the others; a bug in here is always logged."""
         where = f"{self.id} {relay.name}" if relay is not None else self.id
-        self._ended(side if isinstance(err, OSError) else "P",
-                    "R" if isinstance(err, OSError) else "E")
         if not isinstance(err, OSError):
+            self._ended("P", "E")
             logger.opt(exception=err).error("{}: internal error, closing", where)
-        elif self.ctx.log is not None:
-            self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
+        else:
+            # ETIMEDOUT: --user-timeout or keepalive gave up on that side's peer.
+            self._ended(side, "T" if err.errno == errno.ETIMEDOUT else "R")
+            if self.ctx.log is not None:
+                self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
         self.abort()
 
     def _ended(self, who: str, how: str) -> None:

@@ -40,6 +40,7 @@ SFD  the server sent the first FIN while relaying (a clean end)
 CRD  the client reset the connection (or its socket failed) while relaying
 SRD  the server reset the connection (or its socket failed) while relaying
 CRH  SRH  the same, after one side had sent its FIN
+CTD  STD  CTH  STH  that side's socket timed out (--user-timeout, or keepalive gave up)
 SRC  the server refused the connection, or was unreachable
 STC  the kernel gave up connecting to the server (SYN retries)
 PTC  --connect-timeout: the server did not accept in time

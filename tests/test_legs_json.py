@@ -1,6 +1,7 @@
 """Per-leg telemetry with daemons of their own (test_legs.py's serves the
 summary format): --log-format json, one JSON object per line; a client
-refused by its limit; the --policy rule in show conn."""
+refused by its limit; a server that stops answering; the --policy rule in
+show conn."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
     [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
     record = json.loads(line)
     assert (record["end"], record["source"], record["bytes_c2s"]) == ("PLC", None, 0)
+
+
+def test_a_server_that_stops_answering_ends_in_a_timeout(topo, peers, start_daemon):
+    """--user-timeout gives up on the server leg: its socket fails with
+    ETIMEDOUT, a timeout of the server's (STD), not a reset."""
+    daemon = start_daemon("--log-format", "json", "--user-timeout", "1", log_file=True)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        topo.run(topo.srv, "nft", "add table inet silence; add chain inet silence in { type "
+                 f"filter hook input priority 0; }}; add rule inet silence in tcp dport {ECHO} "
+                 "drop")
+        try:
+            sock.sendall(b"y")  # unacknowledged from now on: 1 s later the daemon gives up
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1)
+        finally:
+            topo.run(topo.srv, "nft", "delete table inet silence")
+    [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
+    assert json.loads(line)["end"] == "STD"
 
 
 def test_show_conn_names_the_policy_rule_and_its_congestion_control(topo, peers, tmp_path,
