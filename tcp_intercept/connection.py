@@ -78,9 +78,10 @@ class Context:
     # (summary.Closing, with --leg-stats or --log-format summary|json); None by
     # default, so that the default options read no TCP_INFO.
     on_end: Callable[[Connection, float], None] | None = None
-    # Told of every client refused by --max-per-client, (peer, destination),
-    # for the close summary; None by default.
-    on_refused: Callable[[tuple, tuple], None] | None = None
+    # Told of every client refused on arrival, (peer, destination, termination
+    # code: PLC --max-per-client, PMC --when-full reset), for the close
+    # summary; None by default.
+    on_refused: Callable[[tuple, tuple, str], None] | None = None
 
 
 class Connection:

@@ -1,6 +1,6 @@
 """Per-leg telemetry with daemons of their own (test_legs.py's serves the
 summary format): --log-format json, one JSON object per line; a client
-refused by its limit; a server that stops answering; the --policy rule in
+refused by a limit; a server that stops answering; the --policy rule in
 show conn."""
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def test_json_log_format_has_the_same_fields(topo, peers, slow_server_leg, start
     assert abs(record["time"] - time.time()) < 30
 
 
-def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
-    daemon = start_daemon("--log-format", "json", "--max-per-client", "1", log_file=True)
+@pytest.mark.parametrize("limit, end", [(("--max-per-client", "1"), "PLC"),
+                                        (("--max-connections", "1", "--when-full", "reset"),
+                                         "PMC")], ids=["max-per-client", "when-full-reset"])
+def test_a_client_refused_by_a_limit_has_its_line(topo, peers, start_daemon, limit, end):
+    daemon = start_daemon("--log-format", "json", *limit, log_file=True)
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as held:
         held.sendall(b"x")
         assert held.recv(1) == b"x"
@@ -50,7 +53,7 @@ def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
             refused.recv(1)
     [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
     record = json.loads(line)
-    assert (record["end"], record["source"], record["bytes_c2s"]) == ("PLC", None, 0)
+    assert (record["end"], record["source"], record["bytes_c2s"]) == (end, None, 0)
 
 
 def test_a_server_that_stops_answering_ends_in_a_timeout(topo, peers, start_daemon):

@@ -148,4 +148,4 @@ def test_the_termination_codes_are_listed():
     codes = {word for line in summary.TERMINATION_CODES.splitlines()
              for word in line.split() if len(word) == 3 and word.isupper()}
     assert {"CFD", "SFD", "CRD", "SRD", "STD", "CTD", "SRC", "STC", "PTC", "PTD", "PKD",
-            "PED"} <= codes
+            "PED", "PLC", "PMC"} <= codes
