@@ -78,9 +78,10 @@ class Context:
     # (summary.Closing, with --leg-stats or --log-format summary|json); None by
     # default, so that the default options read no TCP_INFO.
     on_end: Callable[[Connection, float], None] | None = None
-    # Told of every client refused by --max-per-client, (peer, destination),
-    # for the close summary; None by default.
-    on_refused: Callable[[tuple, tuple], None] | None = None
+    # Told of every client refused on arrival, (peer, destination, termination
+    # code: PLC --max-per-client, PMC --when-full reset), for the close
+    # summary; None by default.
+    on_refused: Callable[[tuple, tuple, str], None] | None = None
 
 
 class Connection:
@@ -268,12 +269,14 @@ class Connection:
         """What a peer did (a reset, a vanished peer) is a per-connection line,
         silenced by -q like the others; a bug in here is always logged."""
         where = f"{self.id} {relay.name}" if relay is not None else self.id
-        self._ended(side if isinstance(err, OSError) else "P",
-                    "R" if isinstance(err, OSError) else "E")
         if not isinstance(err, OSError):
+            self._ended("P", "E")
             logger.opt(exception=err).error("{}: internal error, closing", where)
-        elif self.ctx.log is not None:
-            self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
+        else:
+            # ETIMEDOUT: --user-timeout or keepalive gave up on that side's peer.
+            self._ended(side, "T" if err.errno == errno.ETIMEDOUT else "R")
+            if self.ctx.log is not None:
+                self.ctx.log.error(f"{where}: Error: {err.strerror or err}")
         self.abort()
 
     def _ended(self, who: str, how: str) -> None:

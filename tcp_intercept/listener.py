@@ -136,7 +136,7 @@ class Listener:
                 self.timer.stop()
                 log.info("Accepting connections again ({} open)", len(self.ctx.table))
             if full:  # --when-full reset
-                self._reset(fd)
+                self._reset(fd, peer)
             elif not self._take(fd, peer):
                 return
 
@@ -154,11 +154,16 @@ class Listener:
             if self.on_bypass is not None:
                 self.on_bypass(True)
 
-    def _reset(self, fd: int) -> None:
+    def _reset(self, fd: int, peer: tuple) -> None:
         # Counted before the client can see it: who saw the reset and then
         # asks show info finds it counted.
         self.ctx.ctr[counters.FULL_RESET] += 1  # count
         client = _socket.socket(self.family, socket.SOCK_STREAM, self.proto, fd)
+        if self.ctx.on_refused is not None:
+            try:
+                self.ctx.on_refused(peer, client.getsockname(), "PMC")
+            except OSError:
+                pass  # no destination to name: the reset alone
         reset_on_close(client)
         client.close()
 
@@ -187,7 +192,7 @@ class Listener:
         if self.limits is not None and \
                 not self.limits.admit(peer[0], self.ctx.loop.now(), recipe.max_per_client):
             if self.ctx.on_refused is not None:
-                self.ctx.on_refused(peer, dst)
+                self.ctx.on_refused(peer, dst, "PLC")
             reset_on_close(client)  # refused, not served
             client.close()
             return True

@@ -32,21 +32,25 @@ if TYPE_CHECKING:
 
 # Who: C the client, S the server, P this proxy. How: F a FIN (the clean end
 # begins), R a reset or a socket error, T a timeout, K closed by the daemon
-# (shutdown, --drain-timeout), E an internal error, L a limit. Phase: C connecting to the
-# server, D relaying both ways, H half-closed (one side had sent its FIN).
+# (shutdown, --drain-timeout), E an internal error, L the client's limit
+# (--max-per-client), M the daemon full (--max-connections). Phase: C
+# connecting to the server, D relaying both ways, H half-closed (one side had
+# sent its FIN).
 TERMINATION_CODES = """\
 CFD  the client sent the first FIN while relaying (a clean end)
 SFD  the server sent the first FIN while relaying (a clean end)
 CRD  the client reset the connection (or its socket failed) while relaying
 SRD  the server reset the connection (or its socket failed) while relaying
 CRH  SRH  the same, after one side had sent its FIN
+CTD  STD  CTH  STH  that side's socket timed out (--user-timeout, or keepalive gave up)
 SRC  the server refused the connection, or was unreachable
 STC  the kernel gave up connecting to the server (SYN retries)
 PTC  --connect-timeout: the server did not accept in time
 PTD  PTH  --idle-timeout
 PKD  PKH  PKC  the daemon closed it (shutdown, --drain-timeout)
 PED  PEH  PEC  an internal error (logged with a traceback)
-PLC  --max-per-client: the client was refused (reset) on arrival"""
+PLC  --max-per-client: the client was refused (reset) on arrival
+PMC  --max-connections with --when-full reset: the client was reset on arrival"""
 
 
 
@@ -74,22 +78,23 @@ class Closing:
             else:
                 self.log.info(summary_line(conn, duration, client, server))
 
-    def refused(self, peer: tuple, dst: tuple) -> None:
-        """--max-per-client turned the client away: its line, nothing more
-        (it never became a connection: no histogram counts it)."""
+    def refused(self, peer: tuple, dst: tuple, end: str) -> None:
+        """A limit turned the client away on arrival (end: PLC or PMC): its
+        line, nothing more (it never became a connection: no histogram
+        counts it)."""
         if self.log is None:
             return
         client, dst = format_sockaddr(peer), format_sockaddr(dst)
         if self.json:
             self.log.raw(f'{{"time": {_time():.3f}, "client": "{client}", "destination": '
                          f'"{dst}", "source": null, "duration_s": 0.0, "connect_us": null, '
-                         f'"bytes_c2s": 0, "bytes_s2c": 0, "end": "PLC", "client_leg": null, '
+                         f'"bytes_c2s": 0, "bytes_s2c": 0, "end": "{end}", "client_leg": null, '
                          f'"server_leg": null}}')
         else:
             self.log.info(f"{client}-->{dst}: summary source=- duration_s=0.000 connect_us=- "
-                          "bytes_c2s=0 bytes_s2c=0 end=PLC client_rtt_us=- client_min_rtt_us=- "
-                          "client_retrans=- server_rtt_us=- server_min_rtt_us=- "
-                          "server_retrans=-")
+                          f"bytes_c2s=0 bytes_s2c=0 end={end} client_rtt_us=- "
+                          "client_min_rtt_us=- client_retrans=- server_rtt_us=- "
+                          "server_min_rtt_us=- server_retrans=-")
 
     def _count(self, conn: Connection, duration: float, client, server) -> None:
         slot = self.slot

@@ -17,6 +17,7 @@ fields read 0; a newer one has more, which we do not ask for.
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 import struct
 from typing import NamedTuple
@@ -134,14 +135,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def mptcp_subflows(fd: int) -> list[bytes]:
     """Each subflow's struct tcp_info (MPTCP_TCPINFO); [] for a socket that
     fell back to plain TCP. Through libc: the request carries a header the
-    kernel reads, which Python's getsockopt() cannot pass."""
+    kernel reads, which Python's getsockopt() cannot pass.
+
+    A fallen-back socket hands SOL_MPTCP to its one TCP subflow, whose IP
+    layer refuses the level: EOPNOTSUPP over IPv4, ENOPROTOOPT over IPv6."""
     size = _SUBFLOW_DATA.size + MAX_SUBFLOWS * _TCP_INFO.size
     buf = ctypes.create_string_buffer(_SUBFLOW_DATA.pack(_SUBFLOW_DATA.size, 0, 0,
                                                          _TCP_INFO.size), size)
     length = ctypes.c_uint32(size)
     if _libc.getsockopt(fd, SOL_MPTCP, MPTCP_TCPINFO, buf, ctypes.byref(length)) != 0:
         err = ctypes.get_errno()
-        if err == 95:  # EOPNOTSUPP: fallen back to TCP
+        if err in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):  # fallen back to TCP
             return []
         raise OSError(err, "MPTCP_TCPINFO")
     _, count, _, each = _SUBFLOW_DATA.unpack_from(buf.raw)

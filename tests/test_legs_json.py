@@ -1,6 +1,7 @@
 """Per-leg telemetry with daemons of their own (test_legs.py's serves the
 summary format): --log-format json, one JSON object per line; a client
-refused by its limit; the --policy rule in show conn."""
+refused by a limit; a server that stops answering; the --policy rule in
+show conn."""
 
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ def test_json_log_format_has_the_same_fields(topo, peers, slow_server_leg, start
     assert abs(record["time"] - time.time()) < 30
 
 
-def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
-    daemon = start_daemon("--log-format", "json", "--max-per-client", "1", log_file=True)
+@pytest.mark.parametrize("limit, end", [(("--max-per-client", "1"), "PLC"),
+                                        (("--max-connections", "1", "--when-full", "reset"),
+                                         "PMC")], ids=["max-per-client", "when-full-reset"])
+def test_a_client_refused_by_a_limit_has_its_line(topo, peers, start_daemon, limit, end):
+    daemon = start_daemon("--log-format", "json", *limit, log_file=True)
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as held:
         held.sendall(b"x")
         assert held.recv(1) == b"x"
@@ -49,7 +53,28 @@ def test_a_client_refused_by_its_limit_has_its_line(topo, peers, start_daemon):
             refused.recv(1)
     [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
     record = json.loads(line)
-    assert (record["end"], record["source"], record["bytes_c2s"]) == ("PLC", None, 0)
+    assert (record["end"], record["source"], record["bytes_c2s"]) == (end, None, 0)
+
+
+def test_a_server_that_stops_answering_ends_in_a_timeout(topo, peers, start_daemon):
+    """--user-timeout gives up on the server leg: its socket fails with
+    ETIMEDOUT, a timeout of the server's (STD), not a reset."""
+    daemon = start_daemon("--log-format", "json", "--user-timeout", "1", log_file=True)
+    with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        topo.run(topo.srv, "nft", "add table inet silence; add chain inet silence in { type "
+                 f"filter hook input priority 0; }}; add rule inet silence in tcp dport {ECHO} "
+                 "drop")
+        try:
+            sock.sendall(b"y")  # unacknowledged from now on: 1 s later the daemon gives up
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1)
+        finally:
+            topo.run(topo.srv, "nft", "delete table inet silence")
+    [line] = daemon.wait_log(f'"client": "[{topo.CLIENT4}]:{port}"')
+    assert json.loads(line)["end"] == "STD"
 
 
 def test_show_conn_names_the_policy_rule_and_its_congestion_control(topo, peers, tmp_path,

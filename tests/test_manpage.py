@@ -1,4 +1,5 @@
-"""The man page documents exactly the options of --help, and renders cleanly.
+"""The man page documents exactly the options of --help, and renders cleanly;
+its metrics that only --leg-stats fills are listed under it.
 
 Both sides are parsed into {option: argument name or None}: --help from the
 program's own output, the man page from the tags of its OPTIONS section.
@@ -100,3 +101,21 @@ def test_manpage_renders_without_warnings(page):
     assert result.stderr == ""
     assert ("--bind-outgoing" if page == MANPAGE else "--socket") in \
         result.stdout.replace("\u2010", "-")
+
+
+def test_what_only_leg_stats_fills_is_listed_under_it():
+    """The metrics that --leg-stats alone fills (the histograms; the counters
+    whose help says so) come after "with --leg-stats" in the Metrics section:
+    tcp_intercept_retransmits_total is exported without it, and stays 0."""
+    from tcp_intercept import counters, histograms
+
+    lines = MANPAGE.read_text().splitlines()
+    start = lines.index(".SS Metrics")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith((".SH", ".SS")))
+    text = " ".join(_plain(line) for line in lines[start + 1:end])
+    names = {f"tcp_intercept_{h.family}" for h in histograms.HISTOGRAMS} | {
+        f"tcp_intercept_{name}_total" for name, (kind, help_text, _) in counters.FAMILIES.items()
+        if kind == "counter" and "--leg-stats" in help_text}
+    assert "tcp_intercept_retransmits_total" in names
+    with_leg_stats = text.index("with --leg-stats")
+    assert all(text.index(name) > with_leg_stats for name in names), text

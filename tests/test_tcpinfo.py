@@ -64,6 +64,25 @@ def test_a_real_socket_reads_as_ss_would():
     assert tcpinfo.read(None) is None
 
 
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"),
+                                          (socket.AF_INET6, "::1")], ids=["ipv4", "ipv6"])
+def test_an_mptcp_socket_fallen_back_to_tcp_reads_as_tcp(family, host):
+    """The server speaks plain TCP: the MPTCP socket's subflow request is
+    refused, with EOPNOTSUPP over IPv4 and ENOPROTOOPT over IPv6."""
+    with socket.socket(family) as listener:
+        listener.bind((host, 0))
+        listener.listen()
+        with socket.socket(family, socket.SOCK_STREAM, tcpinfo.IPPROTO_MPTCP) as client:
+            client.connect(listener.getsockname()[:2])
+            accepted, _ = listener.accept()
+            with accepted:
+                client.sendall(b"x" * 5000)
+                accepted.recv(5000, socket.MSG_WAITALL)
+                assert tcpinfo.mptcp_subflows(client.fileno()) == []
+                leg = tcpinfo.read(client)
+    assert leg is not None and leg.bytes_acked == 5001 and leg.subflows == 0 and leg.congestion
+
+
 def test_histogram_buckets_count_up_to_their_bound():
     words = [0] * histograms.WORDS
     for seconds in (0.0004, 0.0005, 0.6, 0.65, 7.0):
@@ -128,4 +147,5 @@ def test_show_conn_gives_throughput_from_two_readings():
 def test_the_termination_codes_are_listed():
     codes = {word for line in summary.TERMINATION_CODES.splitlines()
              for word in line.split() if len(word) == 3 and word.isupper()}
-    assert {"CFD", "SFD", "CRD", "SRD", "SRC", "STC", "PTC", "PTD", "PKD", "PED"} <= codes
+    assert {"CFD", "SFD", "CRD", "SRD", "STD", "CTD", "SRC", "STC", "PTC", "PTD", "PKD",
+            "PED", "PLC", "PMC"} <= codes
