@@ -208,6 +208,12 @@ def test_saved_syn_fields(version):
     ("[[rule]]\nname='x'\n[[rule]]\nname='x'\n", ":3: rule 2: name: 'x' is already taken"),
     ("[[rule]]\nbypass = true\nport = 80\ndestination = '10.0.0.0/8'\n", "port: a bypass rule"),
     ("[[rule]]\nbypass = true\n", "bypass: give the destination"),
+    # [] would match every connection, as a rule without the key does
+    ("[[rule]]\nname = 'a'\ndestination = []\n", "rule 1 (a): destination: an empty list"),
+    ("[[rule]]\nclient = []\nport = 80\n", "rule 1: client: an empty list"),
+    ("[[rule]]\nport = []\n", "rule 1: port: an empty list"),
+    ("[[rule]]\nbypass = true\nclient = []\ndestination = '10.0.0.0/8'\n",
+     "rule 1: client: an empty list"),
     ("[rules]\n", "unknown key 'rules'"),
     ("[[rule]]\nname = 'a\n", "not valid TOML"),
 ])
@@ -215,7 +221,7 @@ def test_bad_input_names_file_rule_and_key(tmp_path, text, where):
     with pytest.raises(PolicyError) as caught:
         load(tmp_path, text)
     assert str(caught.value).startswith(str(tmp_path / "policy.toml") + ":")
-    assert where in str(caught.value)
+    assert where in str(caught.value) and "\n" not in str(caught.value)
     assert caught.value.status == 64
 
 
@@ -262,6 +268,7 @@ def test_reload_keeps_the_old_policy_on_a_bad_file_or_a_first_per_client_limit(t
     keeper = PolicyKeeper(config, policy_file.load(path, config, probe=False), loop, tell)
     old = keeper.policy
     for text, why in (("[[rule]]\nport = 0\n", "rule 1: port: 0"),
+                      ("[[rule]]\ndestination = []\n", "rule 1: destination: an empty list"),
                       ("[[rule]]\nmax_per_client = 3\n", "restart it to use one")):
         write(tmp_path, text)
         keeper.reload(lambda ok, message: answers.append((ok, message)))
