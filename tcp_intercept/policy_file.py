@@ -6,8 +6,10 @@ Every mistake is a PolicyError naming the file and, past TOML's own syntax
 `policy.toml:31: rule 3 (lte): server_leg.congestion: 'bbr2' is not available...`
 (31: the line of that rule's [[rule]]).
 With probe, what only the kernel can say is asked of it too: whether a
-congestion control is available, MPTCP enabled, and CAP_NET_ADMIN there for
-a mark or for spoofing the client's address.
+congestion control is available and this process may set it (one that
+net.ipv4.tcp_allowed_congestion_control leaves out needs CAP_NET_ADMIN),
+MPTCP enabled, and CAP_NET_ADMIN there for a mark or for spoofing the
+client's address.
 """
 
 from __future__ import annotations
@@ -237,6 +239,14 @@ def _congestion(where: Where, name: str, value, probe: bool) -> bytes:
             sockopts.check_congestion(value)
         except UsageError as err:
             raise where.error(name, str(err)) from None
+        with socket.socket() as sock:  # as each connection of the rule will
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, sockopts.TCP_CONGESTION, value.encode())
+            except PermissionError:
+                raise where.error(name, f"{value!r} is not allowed for this process: add it "
+                                  "to net.ipv4.tcp_allowed_congestion_control, or give the "
+                                  "daemon CAP_NET_ADMIN (run as root, or restart it with "
+                                  "this policy so that it is kept)") from None
     return value.encode()
 
 

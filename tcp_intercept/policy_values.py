@@ -13,6 +13,7 @@ from .policy import Prefix
 
 RATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(bit|bps|b|byte|bytes)?(?:/s)?", re.I)
 UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
+EMPTY = "an empty list; give at least one {} (or leave the key out to match any)"
 
 
 class Where:
@@ -28,11 +29,18 @@ class Where:
 
 
 def read_prefixes(where: Where, entry: dict, key: str) -> list:
-    value = entry.get(key, [])
+    """The prefixes of key, none when it is left out. An empty list is
+    refused: a rule without prefixes matches every connection, which []
+    never means."""
+    if key not in entry:
+        return []
+    value = entry[key]
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         raise where.error(key, "a prefix such as \"192.0.2.0/24\", or a list of them")
+    if not value:
+        raise where.error(key, EMPTY.format("prefix"))
     networks = []
     for text in value:
         prefix = read_prefix(text)
@@ -66,8 +74,12 @@ def read_prefix(text) -> Prefix | str:
 
 
 def read_ports(where: Where, value) -> tuple:
+    """The (low, high) ranges of port, none when it is left out; [] is
+    refused, as read_prefixes refuses it."""
     if value is None:
         return ()
+    if value == []:
+        raise where.error("port", EMPTY.format("port"))
     items = value if isinstance(value, list) else [value]
     ports = []
     for item in items:

@@ -3,6 +3,7 @@ and which rule each connection gets (pure logic, no kernel but a probe)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import textwrap
 from pathlib import Path
@@ -13,10 +14,13 @@ from tcp_intercept import policy_file
 from tcp_intercept.config import Config
 from tcp_intercept.errors import PolicyError
 from tcp_intercept.policy import SO_MARK
+from tcp_intercept.policy_values import read_prefix
 from tcp_intercept.recipe import COPY, syn_fields
 
 
 CONFIG = Config(congestion=None)
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "contrib" / "policy.example.toml"
 LAN = """
 [[rule]]
 name = "lan"
@@ -208,6 +212,12 @@ def test_saved_syn_fields(version):
     ("[[rule]]\nname='x'\n[[rule]]\nname='x'\n", ":3: rule 2: name: 'x' is already taken"),
     ("[[rule]]\nbypass = true\nport = 80\ndestination = '10.0.0.0/8'\n", "port: a bypass rule"),
     ("[[rule]]\nbypass = true\n", "bypass: give the destination"),
+    # [] would match every connection, as a rule without the key does
+    ("[[rule]]\nname = 'a'\ndestination = []\n", "rule 1 (a): destination: an empty list"),
+    ("[[rule]]\nclient = []\nport = 80\n", "rule 1: client: an empty list"),
+    ("[[rule]]\nport = []\n", "rule 1: port: an empty list"),
+    ("[[rule]]\nbypass = true\nclient = []\ndestination = '10.0.0.0/8'\n",
+     "rule 1: client: an empty list"),
     ("[rules]\n", "unknown key 'rules'"),
     ("[[rule]]\nname = 'a\n", "not valid TOML"),
 ])
@@ -215,7 +225,7 @@ def test_bad_input_names_file_rule_and_key(tmp_path, text, where):
     with pytest.raises(PolicyError) as caught:
         load(tmp_path, text)
     assert str(caught.value).startswith(str(tmp_path / "policy.toml") + ":")
-    assert where in str(caught.value)
+    assert where in str(caught.value) and "\n" not in str(caught.value)
     assert caught.value.status == 64
 
 
@@ -238,11 +248,39 @@ def test_the_bypass_list_for_tproxy_sh(tmp_path, capsys):
 
 
 def test_the_packaged_example_policy_loads():
-    example = Path(__file__).resolve().parent.parent / "contrib" / "policy.example.toml"
-    policy = policy_file.load(str(example), CONFIG, probe=False)
+    policy = policy_file.load(str(EXAMPLE), CONFIG, probe=False)
     assert [rule.name for rule in policy.rules] == [
         "vpn-peer", "bank", "lan", "interactive", "no-mptcp", "satellite"]
     assert policy_file.bypass_lines(policy)[0] == "4 dst 203.0.113.7/32"
+
+
+def test_the_readmes_worked_example_can_match_what_its_show_policy_says(tmp_path):
+    """The README's example: its show policy lines are those of its file; no
+    rule sends to the clients' own LAN (the first line of the drawing), whose
+    traffic never crosses the router; its rules match as the packaged
+    example's of the same name, which it says it is."""
+    section = (ROOT / "README.md").read_text().split("## A policy per destination")[1]
+    policy = load(tmp_path, section.split("```toml\n")[1].split("```")[0])
+    shown = [line.strip().split(" matched=")[0] for line in section.splitlines()
+             if line.startswith("    Rule: ")]
+    assert shown == policy.describe()[3:]
+    drawing = section.split("):\n\n")[1].splitlines()[0]
+    clients = [read_prefix(text) for text in re.findall(r"[0-9a-f.:]+/\d+", drawing)]
+    assert clients
+    for rule in policy.rules:
+        for network in rule.destinations:
+            assert not any(overlap(network, own) for own in clients), \
+                f"rule {rule.name}: {network} is the clients' own LAN"
+    packaged = {rule.name: rule.describe().split(" ", 1)[1]
+                for rule in policy_file.load(str(EXAMPLE), CONFIG, probe=False).rules}
+    for rule in policy.rules:
+        assert rule.describe().split(" ", 1)[1] == packaged[rule.name]
+
+
+def overlap(one, other) -> bool:
+    """Whether two prefixes share addresses (one holds the other)."""
+    shift = one.bits - min(one.length, other.length)
+    return one.version == other.version and one.address >> shift == other.address >> shift
 
 
 # The reload probes the options on a real socket, as the daemon does: root.
@@ -262,6 +300,7 @@ def test_reload_keeps_the_old_policy_on_a_bad_file_or_a_first_per_client_limit(t
     keeper = PolicyKeeper(config, policy_file.load(path, config, probe=False), loop, tell)
     old = keeper.policy
     for text, why in (("[[rule]]\nport = 0\n", "rule 1: port: 0"),
+                      ("[[rule]]\ndestination = []\n", "rule 1: destination: an empty list"),
                       ("[[rule]]\nmax_per_client = 3\n", "restart it to use one")):
         write(tmp_path, text)
         keeper.reload(lambda ok, message: answers.append((ok, message)))

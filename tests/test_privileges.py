@@ -21,6 +21,8 @@ import pytest
 from lab.intercept import REPO
 from lab.peers import ECHO, exchange, payload, sha256
 from lab.topology import pid_alive, wait_for
+from tcp_intercept import policy_file
+from tcp_intercept.config import Config
 
 NOBODY = pwd.getpwnam("nobody")
 CAP_NET_ADMIN = 1 << 12
@@ -146,6 +148,49 @@ def test_congestion_control_needs_net_admin_only_when_the_kernel_does_not_allow_
             out = topo.run(topo.rtr, "ss", "-Htin", "dst", f"{topo.SERVER4}:{ECHO}").stdout
         assert algo in out.split(), out
         daemon.stop()
+
+
+LOAD_POLICY = """import sys
+from tcp_intercept import policy_file
+from tcp_intercept.config import Config
+from tcp_intercept.errors import PolicyError
+try:
+    policy_file.load(sys.argv[1], Config())
+except PolicyError as err:
+    sys.exit(str(err))
+"""
+
+
+def test_a_policy_congestion_control_the_user_may_not_set_is_refused(topo, nobodys_dir):
+    """Available but not allowed: without CAP_NET_ADMIN every connection of
+    the rule would fail (EPERM), so loading with the kernel's checks (start-up,
+    reload) refuses the file; root's load takes it, and tproxy.sh's (no
+    checks) does not ask."""
+    load_bbr(topo)
+    allowed, privileged = congestion_controls()
+    assert privileged, f"every congestion control is allowed ({allowed}): no case needs " \
+        "CAP_NET_ADMIN to check (net.ipv4.tcp_allowed_congestion_control)"
+    path = nobodys_dir / "policy.toml"
+    as_nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--",
+                 sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for algo, leg in ((allowed[0], "server_leg"), (privileged[0], "server_leg"),
+                      (privileged[0], "client_leg")):
+        path.write_text(f"[[rule]]\nname = 'sat'\n[rule.{leg}]\ncongestion = '{algo}'\n")
+        done = subprocess.run([*as_nobody, "-c", LOAD_POLICY, str(path)], capture_output=True,
+                              text=True, timeout=60, env=env)
+        if algo in allowed:
+            assert done.returncode == 0, done
+            continue
+        assert done.returncode == 1 and done.stderr == (
+            f"{path}:1: rule 1 (sat): {leg}.congestion: {algo!r} is not allowed for this "
+            "process: add it to net.ipv4.tcp_allowed_congestion_control, or give the daemon "
+            "CAP_NET_ADMIN (run as root, or restart it with this policy so that it is "
+            "kept)\n"), done
+        assert policy_file.load(str(path), Config()).congestions() == {algo}   # root
+        done = subprocess.run([*as_nobody, "-m", "tcp_intercept.policy_file", str(path)],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "", ""), done
 
 
 @pytest.mark.parametrize("options, message", [
