@@ -226,8 +226,7 @@ class Routers(Topology):
 
     def wait_routes(self, routers: list[int] | None = None, timeout: float = 15) -> None:
         """Until the edge's and the core's routes (both families) go through
-        exactly routers (default: all), and each proxy router's hand-off
-        table holds the others among them."""
+        exactly routers (default: all)."""
         want = routers or list(range(1, self.count + 1))
 
         def settled() -> bool:

@@ -127,14 +127,20 @@ def test_the_recipe_is_installed(world):
         core = [hop.rsplit(".", 1)[-1].rsplit(":", 1)[-1] for hop in world.next_hops(world.core,
                                                                                         family)]
         assert edge == core == ["11", "12"]
+    # Every sysctl of the recipe, as sysctl.conf gives it (the hash's fields
+    # and seed above all: the same on both sides, or the paths differ).
+    recipe = dict(line.replace(" ", "").split("=", 1)
+                  for line in (RECIPE / "sysctl.conf").read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
     for ns in (world.edge, world.core, *world.routers):
-        assert world.run(ns, "sysctl", "-n", "net.ipv4.fib_multipath_hash_policy",
-                         "net.ipv6.fib_multipath_hash_policy").stdout.split() == ["3", "3"]
+        found = world.run(ns, "sysctl", "-n", *recipe).stdout.split()
+        assert [int(value, 0) for value in found] == [int(v, 0) for v in recipe.values()], ns
 
 
 @pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6"])
 def test_connections_spread_intact(world, family, record_property):
     before = accepted(world)
+    handed = [world.handed_off(i) for i in range(1, world.count + 1)]
     digests_before = len(world.peers.records)
     # Fixed client ports: the kernel's hash (fixed seed) then splits them
     # the same way every run, so the 40-60 % bound is not a coin toss.
@@ -149,6 +155,9 @@ def test_connections_spread_intact(world, family, record_property):
     records = world.peers.wait_records(digests_before + CONNECTIONS)
     client = world.CLIENT6 if family == "6" else world.CLIENT4
     assert {r.peer[0] for r in records[digests_before:]} == {client}  # -B client, through both
+    # Symmetric paths: no packet came to a router that does not hold its
+    # connection (the hand-off would have passed it on, and counted it).
+    assert [world.handed_off(i) for i in range(1, world.count + 1)] == handed
 
 
 def test_a_drained_router_keeps_its_connections(world, record_property):
