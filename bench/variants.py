@@ -95,9 +95,9 @@ PRESETS = {
                Variant("10,000 prefixes", [*BASE, "-q", "--policy", str(MANY_PREFIXES)]),
                Variant("1 rule", [*BASE, "-q", "--policy", str(ONE_RULE)])],
     # Issue 18: the default options cost what they cost before per-leg
-    # telemetry (main at the time of measuring), and the close summary
-    # against the six lines it replaces.
-    "legs": [Variant("main, default", BASE, log_file=True, rev="main"),
+    # telemetry (222226c, the commit before it came: ad784d3), and the close
+    # summary against the six lines it replaces.
+    "legs": [Variant("before legs, default", BASE, log_file=True, rev="222226c"),
              Variant("default", BASE, log_file=True)],
     "summary": [Variant("six lines", BASE, log_file=True),
                 Variant("--log-format summary", [*BASE, "--log-format", "summary"],
