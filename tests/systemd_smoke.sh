@@ -30,7 +30,11 @@
 #   7. fail open (fail_open.sh): kill -9 of MainPID, a connection begun at
 #      once reaches its server within 2 s, systemd restarts the unit and it
 #      intercepts again; SIGSTOP of MainPID: its workers serve on, the
-#      watchdog (WatchdogSec=) kills it and systemd restarts the unit.
+#      watchdog (WatchdogSec=) kills it and systemd restarts the unit;
+#   8. with restarts off (a drop-in): FAIL=closed, kill -9 of MainPID leaves
+#      the rules (ExecStop/ExecStopPost see SERVICE_RESULT=signal) and a
+#      client's connection is dropped, systemctl stop removes them;
+#      FAIL=open, kill -9: the unit removes them, connections pass.
 #
 # Everything it starts is stopped by pid, the container powered off and the
 # namespaces deleted on exit, failed or not. Prints the time of each phase.
@@ -363,6 +367,73 @@ in_ct journalctl --no-pager -u tcp-intercept -o cat | grep -q 'Watchdog timeout'
 wait_for 10 "the rules back after the restart" in_ct "$TPROXY" status
 transfer
 ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+
+# -- 8. FAIL=closed: a daemon that dies keeps its rules ------------------------
+
+# set_fail open|closed: FAIL= in the settings (read at the next start).
+set_fail() {
+	in_ct sed -i "s/^FAIL=.*/FAIL=$1/" "$DEFAULTS"
+	[ "$(in_ct grep -cx "FAIL=$1" "$DEFAULTS")" = 1 ] || fail "could not set FAIL=$1 in $DEFAULTS"
+}
+# start_unit: systemctl start, active, the rules in.
+start_unit() {
+	ct_systemctl start tcp-intercept || fail "systemctl start: exit status $?"
+	wait_for 10 "active tcp-intercept.service" ct_systemctl is-active tcp-intercept
+	[ "$(exit_status in_ct "$TPROXY" status)" = 0 ] || fail "start: the unit installed no interception rules"
+	MAINPID=$(ct_systemctl show -p MainPID --value tcp-intercept)
+}
+# kill_unit: kill -9 of MainPID; the unit failed (no restart: the drop-in),
+# its ExecStop and ExecStopPost done.
+kill_unit() {
+	in_ct kill -KILL "$MAINPID" || fail "kill -9 $MAINPID"
+	wait_for 20 "a failed tcp-intercept.service after kill -9 of $MAINPID" ct_systemctl is-failed tcp-intercept
+	[ "$(ct_systemctl show -p Result --value tcp-intercept)" = signal ] ||
+		fail "kill -9: the unit's Result is $(ct_systemctl show -p Result --value tcp-intercept), not signal"
+}
+# A client's connection: "passed" (reached the server) or "dropped".
+connect_once() {
+	if ip netns exec "$NS_C" timeout 10 python3 -c 'import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()' "$SERVER" "$SERVER_PORT" 2>/dev/null; then
+		echo passed
+	else
+		echo dropped
+	fi
+}
+DROPIN=/run/systemd/system/tcp-intercept.service.d/no-restart.conf
+
+phase "FAIL=closed: kill -9 (restarts off) leaves the rules, dropping; systemctl stop removes them"
+in_ct sh -c "mkdir -p ${DROPIN%/*} && printf '[Service]\nRestart=no\n' >$DROPIN"
+ct_systemctl daemon-reload || fail "systemctl daemon-reload: exit status $?"
+set_fail closed
+start_unit
+rules=$(in_ct nft list ruleset)
+grep -q 'meta l4proto tcp drop' <<<"$rules" || fail "FAIL=closed: no drop rule in the firewall"
+transfer
+kill_unit
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 0 ] || fail "FAIL=closed: the rules are gone after kill -9 (tproxy.sh status $status, not 0)"
+journal=$(in_ct journalctl --no-pager -u tcp-intercept -o cat)
+grep -qF 'FAIL=closed and the daemon ended unasked (signal)' <<<"$journal" ||
+	fail "the journal does not say the rules stay"
+[ "$(connect_once)" = dropped ] || fail "FAIL=closed: a connection passed while the daemon was down"
+ct_systemctl reset-failed tcp-intercept
+start_unit
+transfer
+ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 3 ] || fail "FAIL=closed: systemctl stop left rules (tproxy.sh status $status, not 3)"
+
+phase "FAIL=open: kill -9 (restarts off): the unit removes the rules"
+set_fail open
+start_unit
+kill_unit
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 3 ] || fail "FAIL=open: kill -9 left rules (tproxy.sh status $status, not 3)"
+[ "$(connect_once)" = passed ] || fail "FAIL=open: a connection did not pass while the daemon was down"
+ct_systemctl reset-failed tcp-intercept
+in_ct rm -f "$DROPIN"
+ct_systemctl daemon-reload || fail "systemctl daemon-reload: exit status $?"
+
 kill "$SERVER_PID"
 wait "$SERVER_PID" 2>/dev/null || true
 SERVER_PID=''
