@@ -34,7 +34,10 @@
 #   8. with restarts off (a drop-in): FAIL=closed, kill -9 of MainPID leaves
 #      the rules (ExecStop/ExecStopPost see SERVICE_RESULT=signal) and a
 #      client's connection is dropped, systemctl stop removes them;
-#      FAIL=open, kill -9: the unit removes them, connections pass.
+#      FAIL=open, kill -9: the unit removes them, connections pass;
+#   9. a policy file the daemon refuses (tproxy.sh alone would take its new
+#      bypass prefix): systemctl reload fails, the firewall's bypass set is
+#      the old policy's, the daemon serves on under the same MainPID.
 #
 # Everything it starts is stopped by pid, the container powered off and the
 # namespaces deleted on exit, failed or not. Prints the time of each phase.
@@ -433,6 +436,34 @@ status=$(exit_status in_ct "$TPROXY" status)
 ct_systemctl reset-failed tcp-intercept
 in_ct rm -f "$DROPIN"
 ct_systemctl daemon-reload || fail "systemctl daemon-reload: exit status $?"
+
+# -- 9. a policy the daemon refuses: reload fails, bypass set unchanged -------
+
+phase "systemctl reload of a policy the daemon refuses: the reload fails, the bypass set stays"
+start_unit
+in_ct cp "$POLICY_FILE" "$POLICY_FILE.good"
+# A new bypass prefix, and a congestion control this kernel lacks: the
+# daemon refuses the file (it asks the kernel), tproxy.sh's reading of the
+# bypass rules (no kernel probe) would take it.
+in_ct sh -c "printf '\n[[rule]]\nname = \"refused\"\nbypass = true\ndestination = \"192.0.2.96/32\"\n' >>$POLICY_FILE"
+in_ct sh -c "printf '\n[[rule]]\nname = \"nosuchcc\"\n[rule.server_leg]\ncongestion = \"nosuchcc\"\n' >>$POLICY_FILE"
+bypass=$(in_ct python3 -m tcp_intercept.policy_file "$POLICY_FILE") && grep -q 192.0.2.96 <<<"$bypass" ||
+	fail "tproxy.sh's reading of the policy does not take the test's file: the test proves nothing"
+status=$(exit_status ct_systemctl reload tcp-intercept)
+[ "$status" != 0 ] || fail "systemctl reload of a refused policy succeeded"
+wait_for 10 "'policy not reloaded' in $LOG" in_ct grep -qF "policy not reloaded" "$LOG"
+rules=$(in_ct nft list ruleset)
+grep -q 192.0.2.96 <<<"$rules" && fail "reload: the refused policy's bypass prefix went to the firewall"
+grep -q 192.0.2.97 <<<"$rules" || fail "reload: the bypass prefix of the policy in force left the firewall"
+journal=$(in_ct journalctl --no-pager -u tcp-intercept -o cat)
+grep -qF "policy $POLICY_FILE refused, the old one stays" <<<"$journal" ||
+	fail "the journal does not say the policy was refused"
+ct_systemctl is-active tcp-intercept >/dev/null || fail "a refused reload stopped the unit"
+[ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] ||
+	fail "a refused reload: the main pid is no longer $MAINPID"
+transfer # the old policy serves on
+in_ct mv "$POLICY_FILE.good" "$POLICY_FILE"
+ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
 
 kill "$SERVER_PID"
 wait "$SERVER_PID" 2>/dev/null || true
