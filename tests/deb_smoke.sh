@@ -25,7 +25,10 @@
 #      that port, the rules follow, it relays); kill -9 of the master (the
 #      rules stay, FAIL=open: a connection begun at once reaches its server
 #      within 2 s; start: intercepted again; fail_open.sh); METRICS, MAX_*,
-#      the timeouts and DAEMON_ARGS applied by force-reload; stop (rules gone, status
+#      the timeouts and DAEMON_ARGS applied by force-reload; a policy file
+#      the daemon refuses (tproxy.sh alone would take its new bypass
+#      prefix): reload exits 1 with the daemon's reason, the bypass set stays
+#      the old policy's (also the check without a control socket); stop (rules gone, status
 #      3), a start that fails with the daemon's own status; then what
 #      tcp-intercept.service runs (systemd-helper), as systemd is not there;
 #   5. apt-get purge, and check that nothing is left;
@@ -470,6 +473,31 @@ print(opener.open("http://127.0.0.1:9105/metrics", timeout=10).read().decode())'
 case $metrics in *"tcp_intercept_connections "*) ;; *) fail "METRICS: no tcp_intercept_connections in: $metrics" ;; esac
 transfer
 cat "$WORK/defaults.before" >"$DEFAULTS"
+
+say "init script: reload of a policy the daemon refuses fails, the bypass set stays"
+cp "$POLICY_FILE" "$WORK/policy.good"
+# A new bypass prefix, and a congestion control this kernel lacks: the
+# daemon refuses the file (it asks the kernel); tproxy.sh's reading of the
+# bypass rules (no kernel probe) would take it.
+printf '\n[[rule]]\nname = "refused"\nbypass = true\ndestination = "192.0.2.95/32"\n' >>"$POLICY_FILE"
+printf '\n[[rule]]\nname = "nosuchcc"\n[rule.server_leg]\ncongestion = "nosuchcc"\n' >>"$POLICY_FILE"
+bypass=$(cd / && /usr/bin/python3 -m tcp_intercept.policy_file "$POLICY_FILE") && grep -q 192.0.2.95 <<<"$bypass" ||
+	fail "tproxy.sh's reading of the policy does not take the test's file: the test proves nothing"
+status=$(exit_status init_script reload 2>"$WORK/reload.err")
+[ "$status" = 1 ] || fail "reload of a refused policy: exit status $status, not 1"
+grep -q "policy not reloaded.*nosuchcc" "$WORK/reload.err" ||
+	fail "reload of a refused policy does not give the daemon's reason: $(cat "$WORK/reload.err")"
+wait_for 10 "'policy not reloaded' in $LOG" grep -q "policy not reloaded" "$LOG"
+bypassed 192.0.2.95 && fail "reload: the refused policy's bypass prefix went to the firewall"
+bypassed 192.0.2.99 || fail "reload: the bypass prefix of the policy in force left the firewall"
+[ "$(our_daemon)" = "$pid" ] || fail "a refused reload: the daemon is no longer $pid"
+# Without a control socket: the daemon's own checks on the file.
+taken() { in_ns "$NS_R" sh -c '. /usr/lib/tcp-intercept/service.sh && CONTROL_SOCKET= && tcp_intercept_policy_taken'; }
+taken 2>"$WORK/taken.err" && fail "without CONTROL_SOCKET, the refused policy passes the daemon's checks"
+grep -q nosuchcc "$WORK/taken.err" || fail "without CONTROL_SOCKET, no reason: $(cat "$WORK/taken.err")"
+cat "$WORK/policy.good" >"$POLICY_FILE"
+taken || fail "without CONTROL_SOCKET, the good policy fails the daemon's checks"
+transfer # the old policy serves on
 
 say "init script: stop"
 init_script stop >/dev/null || fail "stop: exit status $?"

@@ -30,7 +30,14 @@
 #   7. fail open (fail_open.sh): kill -9 of MainPID, a connection begun at
 #      once reaches its server within 2 s, systemd restarts the unit and it
 #      intercepts again; SIGSTOP of MainPID: its workers serve on, the
-#      watchdog (WatchdogSec=) kills it and systemd restarts the unit.
+#      watchdog (WatchdogSec=) kills it and systemd restarts the unit;
+#   8. with restarts off (a drop-in): FAIL=closed, kill -9 of MainPID leaves
+#      the rules (ExecStop/ExecStopPost see SERVICE_RESULT=signal) and a
+#      client's connection is dropped, systemctl stop removes them;
+#      FAIL=open, kill -9: the unit removes them, connections pass;
+#   9. a policy file the daemon refuses (tproxy.sh alone would take its new
+#      bypass prefix): systemctl reload fails, the firewall's bypass set is
+#      the old policy's, the daemon serves on under the same MainPID.
 #
 # Everything it starts is stopped by pid, the container powered off and the
 # namespaces deleted on exit, failed or not. Prints the time of each phase.
@@ -363,6 +370,101 @@ in_ct journalctl --no-pager -u tcp-intercept -o cat | grep -q 'Watchdog timeout'
 wait_for 10 "the rules back after the restart" in_ct "$TPROXY" status
 transfer
 ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+
+# -- 8. FAIL=closed: a daemon that dies keeps its rules ------------------------
+
+# set_fail open|closed: FAIL= in the settings (read at the next start).
+set_fail() {
+	in_ct sed -i "s/^FAIL=.*/FAIL=$1/" "$DEFAULTS"
+	[ "$(in_ct grep -cx "FAIL=$1" "$DEFAULTS")" = 1 ] || fail "could not set FAIL=$1 in $DEFAULTS"
+}
+# start_unit: systemctl start, active, the rules in.
+start_unit() {
+	ct_systemctl start tcp-intercept || fail "systemctl start: exit status $?"
+	wait_for 10 "active tcp-intercept.service" ct_systemctl is-active tcp-intercept
+	[ "$(exit_status in_ct "$TPROXY" status)" = 0 ] || fail "start: the unit installed no interception rules"
+	MAINPID=$(ct_systemctl show -p MainPID --value tcp-intercept)
+}
+# kill_unit: kill -9 of MainPID; the unit failed (no restart: the drop-in),
+# its ExecStop and ExecStopPost done.
+kill_unit() {
+	in_ct kill -KILL "$MAINPID" || fail "kill -9 $MAINPID"
+	wait_for 20 "a failed tcp-intercept.service after kill -9 of $MAINPID" ct_systemctl is-failed tcp-intercept
+	[ "$(ct_systemctl show -p Result --value tcp-intercept)" = signal ] ||
+		fail "kill -9: the unit's Result is $(ct_systemctl show -p Result --value tcp-intercept), not signal"
+}
+# A client's connection: "passed" (reached the server) or "dropped".
+connect_once() {
+	if ip netns exec "$NS_C" timeout 10 python3 -c 'import socket, sys
+socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()' "$SERVER" "$SERVER_PORT" 2>/dev/null; then
+		echo passed
+	else
+		echo dropped
+	fi
+}
+DROPIN=/run/systemd/system/tcp-intercept.service.d/no-restart.conf
+
+phase "FAIL=closed: kill -9 (restarts off) leaves the rules, dropping; systemctl stop removes them"
+in_ct sh -c "mkdir -p ${DROPIN%/*} && printf '[Service]\nRestart=no\n' >$DROPIN"
+ct_systemctl daemon-reload || fail "systemctl daemon-reload: exit status $?"
+set_fail closed
+start_unit
+rules=$(in_ct nft list ruleset)
+grep -q 'meta l4proto tcp drop' <<<"$rules" || fail "FAIL=closed: no drop rule in the firewall"
+transfer
+kill_unit
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 0 ] || fail "FAIL=closed: the rules are gone after kill -9 (tproxy.sh status $status, not 0)"
+journal=$(in_ct journalctl --no-pager -u tcp-intercept -o cat)
+grep -qF 'FAIL=closed and the daemon ended unasked (signal)' <<<"$journal" ||
+	fail "the journal does not say the rules stay"
+[ "$(connect_once)" = dropped ] || fail "FAIL=closed: a connection passed while the daemon was down"
+ct_systemctl reset-failed tcp-intercept
+start_unit
+transfer
+ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 3 ] || fail "FAIL=closed: systemctl stop left rules (tproxy.sh status $status, not 3)"
+
+phase "FAIL=open: kill -9 (restarts off): the unit removes the rules"
+set_fail open
+start_unit
+kill_unit
+status=$(exit_status in_ct "$TPROXY" status)
+[ "$status" = 3 ] || fail "FAIL=open: kill -9 left rules (tproxy.sh status $status, not 3)"
+[ "$(connect_once)" = passed ] || fail "FAIL=open: a connection did not pass while the daemon was down"
+ct_systemctl reset-failed tcp-intercept
+in_ct rm -f "$DROPIN"
+ct_systemctl daemon-reload || fail "systemctl daemon-reload: exit status $?"
+
+# -- 9. a policy the daemon refuses: reload fails, bypass set unchanged -------
+
+phase "systemctl reload of a policy the daemon refuses: the reload fails, the bypass set stays"
+start_unit
+in_ct cp "$POLICY_FILE" "$POLICY_FILE.good"
+# A new bypass prefix, and a congestion control this kernel lacks: the
+# daemon refuses the file (it asks the kernel), tproxy.sh's reading of the
+# bypass rules (no kernel probe) would take it.
+in_ct sh -c "printf '\n[[rule]]\nname = \"refused\"\nbypass = true\ndestination = \"192.0.2.96/32\"\n' >>$POLICY_FILE"
+in_ct sh -c "printf '\n[[rule]]\nname = \"nosuchcc\"\n[rule.server_leg]\ncongestion = \"nosuchcc\"\n' >>$POLICY_FILE"
+bypass=$(in_ct python3 -m tcp_intercept.policy_file "$POLICY_FILE") && grep -q 192.0.2.96 <<<"$bypass" ||
+	fail "tproxy.sh's reading of the policy does not take the test's file: the test proves nothing"
+status=$(exit_status ct_systemctl reload tcp-intercept)
+[ "$status" != 0 ] || fail "systemctl reload of a refused policy succeeded"
+wait_for 10 "'policy not reloaded' in $LOG" in_ct grep -qF "policy not reloaded" "$LOG"
+rules=$(in_ct nft list ruleset)
+grep -q 192.0.2.96 <<<"$rules" && fail "reload: the refused policy's bypass prefix went to the firewall"
+grep -q 192.0.2.97 <<<"$rules" || fail "reload: the bypass prefix of the policy in force left the firewall"
+journal=$(in_ct journalctl --no-pager -u tcp-intercept -o cat)
+grep -qF "policy $POLICY_FILE refused, the old one stays" <<<"$journal" ||
+	fail "the journal does not say the policy was refused"
+ct_systemctl is-active tcp-intercept >/dev/null || fail "a refused reload stopped the unit"
+[ "$(ct_systemctl show -p MainPID --value tcp-intercept)" = "$MAINPID" ] ||
+	fail "a refused reload: the main pid is no longer $MAINPID"
+transfer # the old policy serves on
+in_ct mv "$POLICY_FILE.good" "$POLICY_FILE"
+ct_systemctl stop tcp-intercept || fail "systemctl stop: exit status $?"
+
 kill "$SERVER_PID"
 wait "$SERVER_PID" 2>/dev/null || true
 SERVER_PID=''

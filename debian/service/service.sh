@@ -130,7 +130,30 @@ tcp_intercept_firewall() {
         --table "$IP_ROUTE_TABLE_NUMBER" "$1"
 }
 
-# After a reload: the bypass sets follow the policy file (in place).
+# After a reload's SIGHUP: whether the daemon took the policy file (POLICY;
+# true without one). A daemon that refuses a file keeps the policy it had
+# and logs why: this is then false, with the daemon's reason on stderr,
+# and the caller must leave the firewall's bypass sets as they are (those
+# of the policy still in force). The daemon's own word is its control
+# socket's answer to "reload" (the file read again, as SIGHUP just had it
+# read: same file, same verdict; the answer comes once every worker has
+# it). Without CONTROL_SOCKET, the daemon's loader and start-up checks run
+# on the file with the daemon's options, as an upgrade's check runs them
+# (TCP_INTERCEPT_UPGRADE_CHECK: nothing bound, nothing started); the
+# running daemon can still refuse what they pass (a reload cannot add the
+# first max_per_client, see tcp-interceptd(8)).
+tcp_intercept_policy_taken() {
+    [ -n "$POLICY" ] || return 0
+    if [ -n "$CONTROL_SOCKET" ]; then
+        answer=$("$CTL" -s "$CONTROL_SOCKET" reload 2>&1) && return 0
+        echo "$answer" >&2
+        return 1
+    fi
+    tcp_intercept_run env TCP_INTERCEPT_UPGRADE_CHECK=1 "$DAEMON" > /dev/null
+}
+
+# After a reload the daemon took: the bypass sets follow the policy file
+# (in place).
 tcp_intercept_firewall_bypass() {
     if tcp_intercept_controls_firewall && [ -n "$POLICY" ]; then
         tcp_intercept_firewall bypass
