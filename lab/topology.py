@@ -200,9 +200,9 @@ class Topology:
     # -- sockets from this process ----------------------------------------
 
     def socket(self, ns: str, family: int = socket.AF_INET,
-               kind: int = socket.SOCK_STREAM) -> socket.socket:
+               kind: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
         with inside(ns):
-            return socket.socket(family, kind)
+            return socket.socket(family, kind, proto)
 
     def connect(self, ns: str, host: str, port: int, timeout: float = 10) -> socket.socket:
         """A TCP connection from ns to host:port (blocking socket with a timeout)."""

@@ -118,8 +118,15 @@ _AT_CLOSE = struct.Struct("=68xI28xI44xI")
 
 def at_close(sock: socket.socket) -> tuple[int, int, int] | None:
     """(smoothed RTT us, retransmitted segments, min RTT us) of sock, or
-    None: the cheap reading summary.Closing makes of every connection."""
+    None: the cheap reading summary.Closing makes of every connection. An
+    MPTCP leg's from all its subflows, as combine() makes them (TCP_INFO on
+    an MPTCP socket gives its first subflow's alone)."""
     try:
+        if sock.proto == IPPROTO_MPTCP:
+            subflows = mptcp_subflows(sock.fileno())
+            if subflows:
+                leg = combine([parse(raw) for raw in subflows], "")
+                return leg.rtt_us, leg.retrans, leg.min_rtt_us
         return _AT_CLOSE.unpack(sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _AT_CLOSE.size))
     except (OSError, struct.error):
         return None

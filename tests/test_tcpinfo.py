@@ -1,6 +1,7 @@
 """The pure parts of per-leg telemetry: struct tcp_info's layout, an MPTCP
 leg from its subflows, the histograms' words, the close summary's line and
-show conn's text; and tcp_info read from a real loopback connection."""
+show conn's text; and tcp_info read from real loopback connections (an
+MPTCP one of two subflows in the topology's client namespace)."""
 
 from __future__ import annotations
 
@@ -81,6 +82,33 @@ def test_an_mptcp_socket_fallen_back_to_tcp_reads_as_tcp(family, host):
                 assert tcpinfo.mptcp_subflows(client.fileno()) == []
                 leg = tcpinfo.read(client)
     assert leg is not None and leg.bytes_acked == 5001 and leg.subflows == 0 and leg.congestion
+
+
+def test_an_mptcp_leg_at_close_counts_every_subflow(topo):
+    """The close summary's reading of an MPTCP leg (at_close) is the leg that
+    show conn gives, made of all its subflows, not TCP_INFO's first one. A
+    loopback MPTCP connection in the client namespace, with a second subflow
+    from 127.0.0.2."""
+    topo.run(topo.cli, "ip", "mptcp", "limits", "set", "subflow", "2", "add_addr_accepted", "2")
+    topo.run(topo.cli, "ip", "mptcp", "endpoint", "add", "127.0.0.2", "dev", "lo", "subflow")
+    listener = topo.socket(topo.cli, socket.AF_INET, proto=tcpinfo.IPPROTO_MPTCP)
+    client = topo.socket(topo.cli, socket.AF_INET, proto=tcpinfo.IPPROTO_MPTCP)
+    with listener, client:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        with accepted:
+            for _ in range(200):  # the second subflow joins soon after
+                client.sendall(b"x" * 20_000)
+                accepted.recv(20_000, socket.MSG_WAITALL)
+                if len(tcpinfo.mptcp_subflows(client.fileno())) == 2:
+                    break
+            subflows = [tcpinfo.parse(raw) for raw in tcpinfo.mptcp_subflows(client.fileno())]
+            assert len(subflows) == 2, subflows
+            leg = tcpinfo.combine(subflows, "")
+            assert tcpinfo.at_close(client) == (leg.rtt_us, leg.retrans, leg.min_rtt_us)
+            assert leg.min_rtt_us == min(s.min_rtt_us for s in subflows if s.min_rtt_us)
 
 
 def test_histogram_buckets_count_up_to_their_bound():
