@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -99,15 +100,23 @@ def test_an_mptcp_leg_at_close_counts_every_subflow(topo):
         client.connect(listener.getsockname())
         accepted, _ = listener.accept()
         with accepted:
-            for _ in range(200):  # the second subflow joins soon after
+            deadline = time.monotonic() + 10  # the second subflow joins soon after
+            while time.monotonic() < deadline:
                 client.sendall(b"x" * 20_000)
                 accepted.recv(20_000, socket.MSG_WAITALL)
                 if len(tcpinfo.mptcp_subflows(client.fileno())) == 2:
                     break
-            subflows = [tcpinfo.parse(raw) for raw in tcpinfo.mptcp_subflows(client.fileno())]
+                time.sleep(0.01)
+            for _ in range(100):  # a reading between two equal ones: no ACK moved it
+                before = tcpinfo.mptcp_subflows(client.fileno())
+                closing = tcpinfo.at_close(client)
+                if tcpinfo.mptcp_subflows(client.fileno()) == before:
+                    break
+                time.sleep(0.01)
+            subflows = [tcpinfo.parse(raw) for raw in before]
             assert len(subflows) == 2, subflows
             leg = tcpinfo.combine(subflows, "")
-            assert tcpinfo.at_close(client) == (leg.rtt_us, leg.retrans, leg.min_rtt_us)
+            assert closing == (leg.rtt_us, leg.retrans, leg.min_rtt_us)
             assert leg.min_rtt_us == min(s.min_rtt_us for s in subflows if s.min_rtt_us)
 
 
