@@ -85,11 +85,14 @@ def test_every_panel_of_the_dashboard_returns_data(topo, peers, start_daemon, pr
             sock.recv(1)
         time.sleep(0.5)
     time.sleep(2)  # two more scrapes after the last close
-    empty = []
+    empty, routers = [], 0
     for title, expr in queries():
         result = query(topo, expr)
         values = [float(r["value"][1]) for r in result]
         if not values or all(v != v for v in values):  # none, or only NaN
             empty.append(f"{title}: {expr}")
+        if "by (instance)" in expr:  # several routers side by side: one series each
+            routers += 1
+            assert [r["metric"] for r in result] == [{"instance": METRICS}], (title, result)
     assert not empty, "panels without data:\n" + "\n".join(empty)
-    assert len(queries()) >= 16
+    assert len(queries()) >= 16 and routers >= 3
