@@ -110,14 +110,15 @@ def test_kill_9_fails_open_within_2_s_and_a_restart_intercepts_again(
     assert through(topo, peers, family)[0] == router(topo, family)
 
 
-def still_relays(sock: socket.socket, peers) -> str:
-    """hold()'s connection carries 100 kB more both ways, intact, and ends
-    cleanly; the address the server saw it come from."""
+def still_relays(sock: socket.socket, peers, sent: bytes = b"held") -> str:
+    """hold()'s connection (or another that carried `sent` both ways)
+    carries 100 kB more both ways, intact, and ends cleanly; the address the
+    server saw it come from."""
     data = payload(100_000, seed=next(_seeds))
     with sock:
         sock.settimeout(10)
         assert exchange(sock, data) == (len(data), sha256(data), "eof")
-    [record] = peers.wait_digests({sha256(b"held" + data)})
+    [record] = peers.wait_digests({sha256(sent + data)})
     return record.peer[0]
 
 
@@ -191,14 +192,21 @@ def test_a_stopped_master_leaves_connections_working(topo, peers, start_daemon, 
     assert len(daemon.workers()) == 2
 
 
-def test_a_stopped_worker_is_replaced_and_its_backlog_served(topo, peers, start_daemon):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stopped_worker_is_replaced_and_its_backlog_served(topo, peers, start_daemon, backend):
     """-w 2 and one worker SIGSTOPped: the connections the kernel hashes to
     its listening socket wait in the backlog until the master, missing its
-    pong, kills it and starts another on the same socket, within 2 s."""
+    pong, kills it and starts another on the same socket, within 2 s.
+
+    iptables the same: the master goes on beating until the ping has gone
+    unanswered for a second, and holds the heartbeat back only from then
+    until the replacement serves, so the SYNs sent at once find it fresh and
+    meet TPROXY; once the replacement serves, the heartbeat is back."""
     daemon = start_daemon("-w", "2", log_file=True)
-    tproxy_up(topo, "nft", family="4")
+    tproxy_up(topo, backend, family="4")
     workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10,
                        "two workers")
+    wait_heartbeat(topo, backend)
     victim = workers[0]
     os.kill(victim, signal.SIGSTOP)
     results: list = []
@@ -225,6 +233,9 @@ def test_a_stopped_worker_is_replaced_and_its_backlog_served(topo, peers, start_
     assert slowest < FAIL_OPEN_WITHIN, sorted(took for _, took in results)
     assert victim not in wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 5,
                                   "a new worker")
+    wait_heartbeat(topo, backend)  # iptables: the replacement serves, the beat is back
+    for _ in range(8):  # over both workers' sockets
+        assert through(topo, peers)[0] == router(topo)
 
 
 class PlantedBugDaemon(Daemon):
@@ -234,12 +245,18 @@ class PlantedBugDaemon(Daemon):
         return [sys.executable, str(REPO / "tests" / "planted_bug.py"), *self.args]
 
 
-def test_a_worker_in_a_tight_loop_is_replaced(topo, peers, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_worker_in_a_tight_loop_is_replaced(topo, peers, tmp_path, backend):
+    """iptables: the master holds its heartbeat back from when it notices
+    the silent worker until the replacement serves; a connection made then
+    may pass the proxy if that takes over the rules' second, so the
+    connections after the replacement wait for the beat to be back."""
     daemon = PlantedBugDaemon(topo, "-w", "2", workdir=tmp_path, log_file=True).start()
     try:
-        tproxy_up(topo, "nft", family="4")
+        tproxy_up(topo, backend, family="4")
         workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10,
                            "two workers")
+        wait_heartbeat(topo, backend)
         with topo.connect(topo.cli, topo.SERVER4, ECHO) as spinning:
             spinning.sendall(b"SPIN until killed")
             [line] = daemon.wait_log("has not answered for", timeout=10)
@@ -249,6 +266,7 @@ def test_a_worker_in_a_tight_loop_is_replaced(topo, peers, tmp_path):
         now = wait_for(lambda: len(daemon.workers()) == 2 and victim not in daemon.workers()
                        and daemon.workers(), 5, "a new worker")
         assert set(workers) - {victim} <= set(now), "the other worker was touched"
+        wait_heartbeat(topo, backend)
         for _ in range(8):  # over both workers' sockets
             assert through(topo, peers)[0] == router(topo)
     finally:
@@ -263,10 +281,15 @@ def hold(topo: Topology) -> socket.socket:
     return sock
 
 
-def test_full_queue_holds_the_next_client_in_the_backlog(topo, peers, start_daemon):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_queue_holds_the_next_client_in_the_backlog(topo, peers, start_daemon, backend):
+    """iptables the same: full in the queue mode, every worker still answers
+    its pings, so the master goes on beating and TPROXY goes on applying."""
     daemon = start_daemon("--max-connections", "1", log_file=True, control=True)
-    tproxy_up(topo, "nft", family="4")
+    tproxy_up(topo, backend, family="4")
+    wait_heartbeat(topo, backend)
     with hold(topo) as held:
+        assert daemon.info()["Connections_open"] == "1", "the first one not intercepted"
         waiting = topo.connect(topo.cli, topo.SERVER4, ECHO)  # the kernel completes it
         with waiting:
             waiting.sendall(b"queued")
@@ -276,15 +299,20 @@ def test_full_queue_holds_the_next_client_in_the_backlog(topo, peers, start_daem
             held.close()
             waiting.settimeout(10)
             assert waiting.recv(6, socket.MSG_WAITALL) == b"queued"
+            assert still_relays(waiting, peers, b"queued") == router(topo)
     info = daemon.info()
     assert info["When_full"] == "queue"
     assert info["Full_reset"] == "0" and info["Full_bypass_periods"] == "0"
 
 
-def test_full_reset_resets_the_next_client(topo, peers, start_daemon):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_reset_resets_the_next_client(topo, peers, start_daemon, backend):
+    """iptables the same: full in the reset mode, the master goes on beating."""
     daemon = start_daemon("--max-connections", "1", "--when-full", "reset", control=True)
-    tproxy_up(topo, "nft", family="4")
+    tproxy_up(topo, backend, family="4")
+    wait_heartbeat(topo, backend)
     with hold(topo):
+        assert daemon.info()["Connections_open"] == "1", "the first one not intercepted"
         # The reset may come before connect() returns, or at the first read.
         with pytest.raises(ConnectionResetError):
             with topo.connect(topo.cli, topo.SERVER4, ECHO, timeout=5) as refused:
