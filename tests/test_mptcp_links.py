@@ -200,16 +200,23 @@ def test_show_conn_combines_the_subflows_as_ss_shows_them(topo, sink, start_daem
     client_leg = dict(word.split("=", 1) for word in shown["Client_leg"].split())
     assert server["subflows"] == "2" and "subflows" not in client_leg
 
-    def total(key: str, pattern: str = r"(\d+)") -> int:
-        return sum(int(m.group(1)) if (m := re.search(rf"\b{key}:{pattern}", info)) else 0
+    def total(key: str, pattern: str = r":(\d+)") -> int:
+        """The sum over the subflows of what ss prints after key (0 if absent)."""
+        return sum(int(m.group(1)) if (m := re.search(rf"\b{key}{pattern}", info)) else 0
                    for info in subflows)
     assert int(server["bytes_acked"]) == total("bytes_acked")
     assert int(server["bytes_received"]) == total("bytes_received")
     # ss: retrans:NOW/TOTAL; bytes_retrans only when not 0.
     each = [int(re.search(r"\bretrans:\d+/(\d+)", info).group(1)) for info in subflows]
     assert min(each) > 0, subflows
-    assert int(server["retrans"]) == total("retrans", r"\d+/(\d+)")
+    assert int(server["retrans"]) == total("retrans", r":\d+/(\d+)")
     assert int(server["bytes_retrans"]) == total("bytes_retrans")
+    # Rates summed too (ss -n prints bits a second), as lost, unacked and
+    # notsent are (0 here: everything acknowledged).
+    for key in ("delivery_rate", "pacing_rate"):
+        assert int(server[f"{key}_Bps"]) * 8 == total(key, r" (\d+)bps"), (key, subflows)
+    for key in ("lost", "unacked", "notsent"):
+        assert int(server[key]) == total(key), (key, subflows)
     assert float(server["min_rtt_ms"]) == pytest.approx(
         min(float(re.search(r"\bminrtt:([\d.]+)", info).group(1)) for info in subflows),
         abs=0.0011)
