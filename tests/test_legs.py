@@ -1,6 +1,6 @@
 """Both legs of every connection, as an operator sees them: the server leg
-made slow (netem: the server's packets wait SLOW_MS), the client leg left
-fast. `show conn` and `show conns full` must tell which leg is slow, agree
+made slow (lab/delayline.py: packets to SLOW4 wait SLOW_MS), the client leg
+left fast. `show conn` and `show conns full` must tell which leg is slow, agree
 with `ss -ti` on the same sockets (every field ss prints: exactly on legs
 that cannot move between the readings, idle or stuck; the rates within a
 factor on a leg that moves), and give the throughput of a transfer of
