@@ -5,9 +5,11 @@ at close. Never per event: each read is a system call.
 A leg is plain TCP, or Multipath TCP (the outgoing leg with -M, the client's
 with --mptcp-listen): then it is made of subflows, each a TCP connection
 with a tcp_info of its own (MPTCP_TCPINFO), and the leg's figures are
-theirs combined: totals summed, min RTT the least, the smoothed RTT, window
-and rates those of the subflow that carried the most bytes. `ss -ti` shows
-the same numbers (the subflows as TCP sockets); `ss -Mi` the subflow count.
+theirs combined: counts, bytes and rates (delivery, pacing: the subflows
+carry at once) summed, min RTT the least, the smoothed RTT, window,
+ssthresh and MSS those of the subflow that carried the most bytes. `ss -ti`
+shows the same numbers (the subflows as TCP sockets); `ss -Mi` the subflow
+count.
 
 The layout is Linux's struct tcp_info (include/uapi/linux/tcp.h) up to
 tcpi_snd_wnd (Linux 5.19); an older kernel returns less and the missing

@@ -170,16 +170,24 @@ def test_ss_shows_the_options_on_every_subflow(topo, sink, start_daemon):
 def test_show_conn_combines_the_subflows_as_ss_shows_them(topo, sink, start_daemon):
     """The router's MPTCP leg in show conn and show conns full: its two
     subflows (MPTCP_TCPINFO), their bytes and retransmits summed and the
-    least min RTT, as ss prints the subflows of the same socket."""
+    least min RTT, as ss prints the subflows of the same socket. The server
+    drops every 8th data packet it receives while the upload runs: both
+    subflows retransmit, so a sum differs from either subflow's count."""
     daemon = start_daemon("-M", control=True)
     with topo.connect(topo.cli, topo.SERVER4, SINK_PORT) as sock:
-        sock.sendall(bytes(1_000_000))
+        topo.run(topo.srv, "nft", "add table inet lossy; add chain inet lossy in { type "
+                 "filter hook input priority 0; }; add rule inet lossy in tcp dport "
+                 f"{SINK_PORT} meta length > 1000 numgen inc mod 8 0 drop")
+        try:
+            sock.sendall(bytes(1_000_000))
 
-        def settled():  # both subflows up, everything sent acknowledged
-            found = [line for line in ss(topo) if f"pid={daemon.worker}," in line.owner
-                     and "tcp-ulp-mptcp" in line.info]
-            return len(found) == 2 and all("unacked" not in line.info for line in found)
-        wait_for(settled, 10, "two idle subflows in the router's ss")
+            def settled():  # both subflows up, everything sent acknowledged
+                found = [line for line in ss(topo) if f"pid={daemon.worker}," in line.owner
+                         and "tcp-ulp-mptcp" in line.info]
+                return len(found) == 2 and all("unacked" not in line.info for line in found)
+            wait_for(settled, 10, "two idle subflows in the router's ss")
+        finally:
+            topo.run(topo.srv, "nft", "delete table inet lossy")
         client = "[{}]:{}".format(*sock.getsockname())
         shown = dict(line.split(": ", 1) for line in daemon.ask(f"show conn {client}")
                      .splitlines())
@@ -192,11 +200,23 @@ def test_show_conn_combines_the_subflows_as_ss_shows_them(topo, sink, start_daem
     client_leg = dict(word.split("=", 1) for word in shown["Client_leg"].split())
     assert server["subflows"] == "2" and "subflows" not in client_leg
 
-    def total(key: str) -> int:
-        return sum(int(m.group(1)) if (m := re.search(rf"\b{key}:(\d+)", info)) else 0
+    def total(key: str, pattern: str = r":(\d+)") -> int:
+        """The sum over the subflows of what ss prints after key (0 if absent)."""
+        return sum(int(m.group(1)) if (m := re.search(rf"\b{key}{pattern}", info)) else 0
                    for info in subflows)
     assert int(server["bytes_acked"]) == total("bytes_acked")
     assert int(server["bytes_received"]) == total("bytes_received")
+    # ss: retrans:NOW/TOTAL; bytes_retrans only when not 0.
+    each = [int(re.search(r"\bretrans:\d+/(\d+)", info).group(1)) for info in subflows]
+    assert min(each) > 0, subflows
+    assert int(server["retrans"]) == total("retrans", r":\d+/(\d+)")
+    assert int(server["bytes_retrans"]) == total("bytes_retrans")
+    # Rates summed too (ss -n prints bits a second), as lost, unacked and
+    # notsent are (0 here: everything acknowledged).
+    for key in ("delivery_rate", "pacing_rate"):
+        assert int(server[f"{key}_Bps"]) * 8 == total(key, r" (\d+)bps"), (key, subflows)
+    for key in ("lost", "unacked", "notsent"):
+        assert int(server[key]) == total(key), (key, subflows)
     assert float(server["min_rtt_ms"]) == pytest.approx(
         min(float(re.search(r"\bminrtt:([\d.]+)", info).group(1)) for info in subflows),
         abs=0.0011)

@@ -41,11 +41,14 @@ def test_the_layout_is_linux_struct_tcp_info():
 
 
 def test_an_mptcp_leg_combines_its_subflows():
-    first = tcpinfo.parse(raw_tcp_info(f23=30_000, f39=20_000, f31=1, f34=100, f26=10))
-    second = tcpinfo.parse(raw_tcp_info(f23=50_000, f39=45_000, f31=4, f34=900, f26=20))
+    first = tcpinfo.parse(raw_tcp_info(f23=30_000, f39=20_000, f31=1, f34=100, f26=10,
+                                       f42=1_000, f32=3_000))
+    second = tcpinfo.parse(raw_tcp_info(f23=50_000, f39=45_000, f31=4, f34=900, f26=20,
+                                        f42=2_000, f32=5_000))
     leg = tcpinfo.combine([first, second], "cubic")
     assert (leg.rtt_us, leg.cwnd) == (50_000, 20)  # the subflow that carried the most
     assert (leg.min_rtt_us, leg.retrans, leg.bytes_acked, leg.subflows) == (20_000, 5, 1000, 2)
+    assert (leg.delivery_rate, leg.pacing_rate) == (3_000, 8_000)  # the subflows at once
     assert "subflows=2" in tcpinfo.describe(leg)
 
 
