@@ -54,6 +54,9 @@ class Recipe:
     bind_address: tuple | None = None
     bind_family: int = socket.AF_INET
     bind_no_port: bool = False
+    # bind_address for an IPv4 connection through a listener on [::] (an
+    # IPv6 socket with mapped addresses); None: the kernel's choice.
+    bind_mapped: tuple | None = None
     # The client leg: only what differs from the listener's options.
     client_options: tuple = ()
     client_dscp: int | None = None
@@ -105,12 +108,17 @@ class Recipe:
                 # Our listeners hold this port too (see open_listeners).
                 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             server.bind(peer)
-        elif self.bind_address is not None and server.family == self.bind_family:
-            if self.bind_no_port:
-                # Let connect() pick the port: bind() would refuse ports in
-                # TIME_WAIT and crawl once half the range is (the original did).
-                server.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            server.bind(self.bind_address)
+        elif self.bind_address is not None:
+            if server.family == socket.AF_INET6 and peer[0].startswith("::ffff:"):
+                address = self.bind_mapped
+            else:
+                address = self.bind_address if server.family == self.bind_family else None
+            if address is not None:  # None: of the other family, the kernel's choice
+                if self.bind_no_port:
+                    # Let connect() pick the port: bind() would refuse ports in
+                    # TIME_WAIT and crawl once half the range is (the original did).
+                    server.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                server.bind(address)
 
 
 def from_config(config: Config) -> Recipe:
@@ -127,11 +135,16 @@ def from_config(config: Config) -> Recipe:
 def source(outgoing) -> dict:
     """The server leg's source fields for an Address, or None (the client's)."""
     if outgoing is None:
-        return {"spoof_client": True, "bind_address": None}
+        return {"spoof_client": True, "bind_address": None, "bind_mapped": None}
     if outgoing.is_wildcard and outgoing.port == 0:
-        return {"spoof_client": False, "bind_address": None}
+        return {"spoof_client": False, "bind_address": None, "bind_mapped": None}
+    if outgoing.family == socket.AF_INET:
+        mapped = (f"::ffff:{outgoing.host}", outgoing.port)
+    else:  # an IPv6 address can not send IPv4, but [::] (with a port) can
+        mapped = outgoing.sockaddr if outgoing.is_wildcard else None
     return {"spoof_client": False, "bind_address": outgoing.sockaddr,
-            "bind_family": outgoing.family, "bind_no_port": outgoing.port == 0}
+            "bind_family": outgoing.family, "bind_no_port": outgoing.port == 0,
+            "bind_mapped": mapped}
 
 
 def listener_options(config: Config) -> list[tuple[int, int, object]]:

@@ -2,14 +2,18 @@
 one (the usual server namespace) and a "far" one behind a link shaped with
 tc tbf; each connection must get its rule's recipe, seen from the kernel:
 getsockopt() on the daemon's own sockets and ss for congestion control,
-buffers and pacing, nft counters in the router for marks, tcpdump in the
-server namespaces for DSCP, the protocol for MPTCP. A reload under traffic
-changes new connections only and cuts none.
+buffers, pacing and user timeout, nft counters in the router for marks,
+tcpdump in the server namespaces for DSCP, the protocol for MPTCP. The
+client leg's DSCP is counted by nft in the client's namespace; servers of
+the test's own keep each SYN (TCP_SAVED_SYN) to tell the server leg's DSCP
+and whether it offered MPTCP; the peers say which address came to them. A
+reload under traffic changes new connections only and cuts none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import socket
@@ -99,7 +103,8 @@ def far_peers(topo):
 
 def write_policy(path, text: str, topo) -> str:
     path.write_text(textwrap.dedent(text).format(far=topo.FAR4, far6=topo.FAR6,
-                                                 near=topo.SERVER4, echo=ECHO))
+                                                 near=topo.SERVER4, near6=topo.SERVER6,
+                                                 echo=ECHO))
     return str(path)
 
 
@@ -541,3 +546,282 @@ def test_as_nobody_a_policy_with_marks_keeps_cap_net_admin(topo, peers, far_peer
     with held(topo, daemon, topo.FAR4) as (_, _, outgoing):
         assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x42
     assert "in force in every worker" in daemon.ask("reload")  # as nobody, still allowed
+
+
+# -- the client leg, the source, user_timeout, mptcp = false -------------------
+
+TCP_SAVE_SYN, TCP_SAVED_SYN = 27, 28
+TCP_USER_TIMEOUT = 18
+IPV6_TCLASS = 67
+SYN_PORT = 7201  # the SynServers' port, in the near and the far namespace
+
+
+class SynServer:
+    """A server of the test's own in namespace ns (IPv4 and IPv6): the kernel
+    keeps the SYN of each connection it accepts (TCP_SAVE_SYN), so accept()
+    tells what the daemon's server leg put on the wire."""
+
+    def __init__(self, ns: str, port: int = SYN_PORT):
+        with inside(ns):
+            self.sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+        self.sock.bind(("::", port))
+        self.sock.listen(16)
+        self.sock.settimeout(10)
+
+    def accept(self) -> tuple[socket.socket, bytes]:
+        """The next connection and its SYN (IP and TCP headers)."""
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        return conn, conn.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, 512)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def syn_servers(topo):
+    servers = {"near": SynServer(topo.srv), "far": SynServer(topo.far)}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()
+
+
+def syn_says(syn: bytes) -> tuple[int, bool]:
+    """(DSCP, whether it offers MPTCP) of a SYN's raw IPv4 or IPv6 header
+    (no extension headers) and TCP header, read here independently of the
+    daemon's own reader."""
+    if syn[0] >> 4 == 4:
+        dscp, tcp = syn[1] >> 2, syn[(syn[0] & 0x0F) * 4:]
+    else:
+        dscp, tcp = (int.from_bytes(syn[:2], "big") >> 6) & 0x3F, syn[40:]
+    kinds, i, end = set(), 20, (tcp[12] >> 4) * 4
+    while i < end and tcp[i] != 0:  # 0: end of the options
+        if tcp[i] == 1:  # no-operation
+            i += 1
+            continue
+        kinds.add(tcp[i])
+        i += max(tcp[i + 1], 2)
+    return dscp, 30 in kinds  # 30: MPTCP
+
+
+@contextlib.contextmanager
+def nft_counters(topo, ns: str, hook: str, rules: dict[str, str]):
+    """An nft table in ns counting, at hook, the packets of each match;
+    yields a function giving {name: (packets, bytes)} at the time."""
+    table = f"hp_policy_{hook}"
+    body = "\n".join(f'{match} counter comment "{name}"' for name, match in rules.items())
+    topo.run(ns, "nft", "-f", "-", input=f"table inet {table} {{\nchain c {{\n"
+             f"type filter hook {hook} priority 0; policy accept;\n{body}\n}}\n}}\n")
+
+    def read() -> dict[str, tuple[int, int]]:
+        listed = json.loads(topo.run(ns, "nft", "-j", "list", "table", "inet", table).stdout)
+        found = {}
+        for item in listed["nftables"]:
+            if "rule" in item:
+                [counter] = [e["counter"] for e in item["rule"]["expr"] if "counter" in e]
+                found[item["rule"]["comment"]] = (counter["packets"], counter["bytes"])
+        return found
+    try:
+        yield read
+    finally:
+        topo.run(ns, "nft", "delete", "table", "inet", table, check=False)
+
+
+def receive(sock: socket.socket, size: int) -> bytes:
+    """size bytes from sock, fewer at EOF (its timeout bounds each wait)."""
+    data = b""
+    while len(data) < size and (chunk := sock.recv(size - len(data))):
+        data += chunk
+    return data
+
+
+def tos(sock: socket.socket, peer: str) -> int:
+    """The DSCP sock sends to peer with: IP_TOS, IPV6_TCLASS for IPv6 peers."""
+    if ":" in peer and not peer.startswith("::ffff:"):
+        return sock.getsockopt(socket.IPPROTO_IPV6, IPV6_TCLASS) >> 2
+    return sock.getsockopt(socket.SOL_IP, socket.IP_TOS) >> 2
+
+
+CLIENT_LEG = """
+    [[rule]]
+    name = "client-set"
+    destination = ["{far}/32", "{far6}/128"]
+    [rule.client_leg]
+    mark = 0x46
+    dscp = 26
+
+    [[rule]]
+    name = "client-copy"
+    destination = ["{near}/32", "{near6}/128"]
+    [rule.client_leg]
+    dscp = "copy"
+    """
+
+
+def test_the_client_legs_mark_and_dscp_set_and_copied(topo, peers, far_peers, start_daemon,
+                                                      tmp_path, syn_servers):
+    """What the router sends the client carries the rule's client_leg mark
+    (nft in the router, getsockopt) and DSCP (nft in the client's namespace,
+    after the handshake: the SYN-ACK leaves before the daemon accepts), a
+    set one whatever the client's SYN carried, or that SYN's with "copy";
+    the server leg gets neither (its SYN, as the server kept it)."""
+    policy = write_policy(tmp_path / "p.toml", CLIENT_LEG, topo)
+    daemon = start_daemon("--policy", policy, listen=f"[::]:[{topo.port}]")
+    size = 30_000
+    cases = [(topo.FAR4, 10, 26, 0x46), (topo.FAR6, 0, 26, 0x46),
+             (topo.SERVER4, 10, 10, 0), (topo.SERVER4, 34, 34, 0),
+             (topo.SERVER6, 34, 34, 0), (topo.SERVER6, 10, 10, 0)]
+    for seed, (host, syn_dscp, dscp, mark) in enumerate(cases):
+        six = ":" in host
+        client = topo.CLIENT6 if six else topo.CLIENT4
+        server = syn_servers["far" if host in (topo.FAR4, topo.FAR6) else "near"]
+        sock = topo.socket(topo.cli, socket.AF_INET6 if six else socket.AF_INET)
+        with sock:
+            sock.settimeout(10)
+            if six:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TCLASS, syn_dscp << 2)
+            else:
+                sock.setsockopt(socket.SOL_IP, socket.IP_TOS, syn_dscp << 2)
+            sock.bind((client, 0))
+            port = sock.getsockname()[1]
+            to_client = f"tcp sport {SYN_PORT} tcp dport {port} tcp flags ! syn"
+            ip = "ip6" if six else "ip"
+            with nft_counters(topo, topo.cli, "input", {
+                    "all": f"meta nfproto ipv{6 if six else 4} {to_client}",
+                    "dscp": f"{ip} dscp {dscp} {to_client}"}) as client_saw, \
+                    nft_counters(topo, topo.rtr, "output", {
+                        "all": to_client, "mark": f"meta mark {mark:#x} {to_client}",
+                        "server leg marked": f"tcp dport {SYN_PORT} meta mark != 0"}) as sent:
+                sock.connect((host, SYN_PORT))
+                conn, syn = server.accept()
+                with conn:
+                    data = payload(size, seed=160 + seed)
+                    conn.sendall(data)
+                    assert receive(sock, size) == data
+                    with legs(daemon, (client, port), conn.getpeername()) as (accepted,
+                                                                               outgoing):
+                        assert accepted.getsockopt(socket.SOL_SOCKET, SO_MARK) == mark
+                        assert tos(accepted, _peer(accepted)[0]) == dscp
+                        assert outgoing.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0
+                    seen, marked = client_saw(), sent()
+        case = (host, syn_dscp, seen, marked)
+        assert seen["all"][1] >= size and seen["dscp"] == seen["all"], case
+        assert marked["all"][1] >= size and marked["mark"] == marked["all"], case
+        assert marked["server leg marked"] == (0, 0), case
+        assert syn_says(syn) == (0, False), case  # the server leg: the kernel's DSCP
+
+
+@contextlib.contextmanager
+def legs(daemon, client: tuple, server_saw: tuple):
+    """(accepted, outgoing): the daemon's sockets of the connection from
+    client whose server leg the server saw coming from server_saw."""
+    borrowed = _borrow(daemon)
+    try:
+        [accepted] = [s for s in borrowed if _plain(_peer(s)) == _plain(client)]
+        [outgoing] = [s for s in borrowed if _peer(s)
+                      and _plain(s.getsockname()) == _plain(server_saw[:2])]
+        yield accepted, outgoing
+    finally:
+        for sock in borrowed:
+            sock.close()
+
+
+FIXED4, FIXED6, FIXED_PORT = "10.91.4.3", "fd91:4::3", 40126
+
+
+def test_a_rules_fixed_source_address_is_what_the_server_sees(topo, peers, far_peers,
+                                                             start_daemon, tmp_path):
+    """source = an address: the far server sees the rule's address (and
+    port, when given), IPv4 and IPv6, through a listener on [::]; the near
+    one, which no rule names, the kernel's choice."""
+    topo.run(topo.rtr, "ip", "addr", "add", f"{FIXED4}/24", "dev", "rf")
+    topo.run(topo.rtr, "ip", "-6", "addr", "add", f"{FIXED6}/64", "dev", "rf", "nodad")
+    try:
+        policy = write_policy(tmp_path / "p.toml", f"""
+            [[rule]]
+            name = "fixed4"
+            destination = "{{far}}/32"
+            source = "[{FIXED4}]:[0]"
+
+            [[rule]]
+            name = "fixed6"
+            destination = "{{far6}}/128"
+            source = "[{FIXED6}]:[{FIXED_PORT}]"
+            """, topo)
+        daemon = start_daemon("--policy", policy, listen=f"[::]:[{topo.port}]")
+        for seed, (host, server, seen) in enumerate((
+                (topo.FAR4, far_peers, (FIXED4, None)),
+                (topo.FAR6, far_peers, (FIXED6, FIXED_PORT)),
+                (topo.SERVER4, peers, (topo.ROUTER4_S, None)),
+                (topo.SERVER6, peers, (topo.ROUTER6_S, None)))):
+            data = payload(50_000, seed=1600 + seed)
+            with topo.connect(topo.cli, host, ECHO) as sock:
+                assert exchange(sock, data) == (len(data), sha256(data), "eof"), host
+            [record] = server.wait_digests({sha256(data)})
+            peer = _plain(record.peer)
+            assert peer[0] == seen[0] and seen[1] in (None, peer[1]), (host, record)
+        daemon.wait_log("closed", count=4)
+    finally:
+        topo.run(topo.rtr, "ip", "addr", "del", f"{FIXED4}/24", "dev", "rf", check=False)
+        topo.run(topo.rtr, "ip", "-6", "addr", "del", f"{FIXED6}/64", "dev", "rf",
+                 check=False)
+
+
+def test_a_rules_user_timeout_is_on_both_legs(topo, peers, far_peers, start_daemon, tmp_path):
+    """user_timeout of a rule on both of its connections' legs, over the
+    command line's --user-timeout; 0 gives the kernel's back."""
+    policy = write_policy(tmp_path / "p.toml", """
+        [[rule]]
+        name = "short"
+        destination = ["{far}/32", "{far6}/128"]
+        user_timeout = 3.5
+
+        [[rule]]
+        name = "kernels"
+        destination = "{near6}/128"
+        user_timeout = 0
+        """, topo)
+    daemon = start_daemon("--user-timeout", "9", "--policy", policy,
+                          listen=f"[::]:[{topo.port}]")
+    for host, expected in ((topo.FAR4, 3500), (topo.FAR6, 3500), (topo.SERVER6, 0),
+                           (topo.SERVER4, 9000)):
+        with held(topo, daemon, host) as (_, accepted, outgoing):
+            assert (accepted.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT),
+                    outgoing.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT)) \
+                == (expected, expected), host
+
+
+def test_mptcp_false_in_a_rule_overrides_the_command_lines_M(topo, peers, far_peers,
+                                                             start_daemon, tmp_path,
+                                                             syn_servers):
+    """With -M, a rule's mptcp = false makes its server legs plain TCP: the
+    far server's SYN offers no MPTCP, the near one's (no rule) does."""
+    policy = write_policy(tmp_path / "p.toml", """
+        [[rule]]
+        name = "plain"
+        destination = ["{far}/32", "{far6}/128"]
+        mptcp = false
+        """, topo)
+    daemon = start_daemon("-M", "--policy", policy, listen=f"[::]:[{topo.port}]")
+    for host, where, mptcp in ((topo.FAR4, "far", False), (topo.FAR6, "far", False),
+                               (topo.SERVER4, "near", True), (topo.SERVER6, "near", True)):
+        before = _inodes(_borrow(daemon))
+        with topo.connect(topo.cli, host, SYN_PORT) as sock:
+            conn, syn = syn_servers[where].accept()
+            with conn:
+                assert syn_says(syn)[1] is mptcp, host
+                borrowed = [s for s in _borrow(daemon) if _inode(s) not in before]
+                try:
+                    [outgoing] = [s for s in borrowed if _plain(_peer(s)) == (host, SYN_PORT)]
+                    assert outgoing.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == \
+                        (IPPROTO_MPTCP if mptcp else socket.IPPROTO_TCP), host
+                finally:
+                    for s in borrowed:
+                        s.close()
+                conn.sendall(b"m")
+                assert sock.recv(1) == b"m"

@@ -118,11 +118,17 @@ def test_mptcp_with_user_timeout_refuses_at_start_or_relays(topo, peers, start_d
         assert relays(topo, seed=3), daemon.output()
 
 
+@pytest.mark.parametrize("listen", ["0.0.0.0", "::"])
 @pytest.mark.parametrize("port", [0, 40123])
-def test_bind_outgoing_address_is_what_the_server_sees(topo, peers, start_daemon, port):
+def test_bind_outgoing_address_is_what_the_server_sees(topo, peers, start_daemon, port,
+                                                       listen):
+    """On [::] too, where an IPv4 connection's sockets are IPv6 with mapped
+    addresses (the address was ignored there: the socket's family was not its)."""
     topo.run(topo.rtr, "ip", "addr", "replace", "10.91.2.3/24", "dev", "rs")
-    daemon = start_daemon("-B", f"[10.91.2.3]:[{port}]")
-    data = payload(10_000, seed=10 + port)
+    if port:  # a port of its own: the previous run's socket waits in TIME_WAIT
+        port += len(listen)
+    daemon = start_daemon("-B", f"[10.91.2.3]:[{port}]", listen=f"[{listen}]:[{topo.port}]")
+    data = payload(10_000, seed=10 + port + len(listen))
     with topo.connect(topo.cli, topo.SERVER4, ECHO) as sock:
         assert exchange(sock, data) == (len(data), sha256(data), "eof")
     [record] = peers.wait_records(sha256=sha256(data))
@@ -130,3 +136,22 @@ def test_bind_outgoing_address_is_what_the_server_sees(topo, peers, start_daemon
     if port:
         assert record.peer[1] == port
     daemon.wait_log("closed")
+
+
+def test_an_ipv6_outgoing_address_leaves_ipv4_connections_the_kernels_choice(topo, peers,
+                                                                            start_daemon):
+    """On [::], -B with an IPv6 address: IPv6 connections come from it, IPv4
+    ones from the kernel's choice (binding it made their connect() fail)."""
+    topo.run(topo.rtr, "ip", "-6", "addr", "replace", "fd91:2::3/64", "dev", "rs", "nodad")
+    try:
+        daemon = start_daemon("-B", "[fd91:2::3]:[0]", listen=f"[::]:[{topo.port}]")
+        for seed, (host, seen) in enumerate(((topo.SERVER6, "fd91:2::3"),
+                                             (topo.SERVER4, topo.ROUTER4_S))):
+            data = payload(10_000, seed=20 + seed)
+            with topo.connect(topo.cli, host, ECHO) as sock:
+                assert exchange(sock, data) == (len(data), sha256(data), "eof"), host
+            [record] = peers.wait_records(sha256=sha256(data))
+            assert record.peer[0] == seen
+        daemon.wait_log("closed", count=2)
+    finally:
+        topo.run(topo.rtr, "ip", "-6", "addr", "del", "fd91:2::3/64", "dev", "rs", check=False)
