@@ -410,7 +410,7 @@ ct_systemctl daemon-reload || fail "systemctl daemon-reload: exit status $?"
 set_fail closed
 start_unit
 rules=$(in_ct nft list ruleset)
-grep -q 'meta l4proto tcp drop' <<<"$rules" || fail "FAIL=closed: no drop rule in the firewall"
+grep -q 'tcp flags syn / fin,syn,rst,ack drop' <<<"$rules" || fail "FAIL=closed: no rule dropping SYNs in the firewall"
 transfer
 kill_unit
 status=$(exit_status in_ct "$TPROXY" status)
