@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from .topology import Topology
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def installed_copy(where: Path) -> Path:
+    """A copy of the package in where/install, for a test to change as the
+    installed program (Daemon(repo=...) runs it): the copy's root."""
+    install = where / "install"
+    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return install
 
 
 class Daemon:

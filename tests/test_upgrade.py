@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from lab.intercept import REPO
+from lab.intercept import installed_copy
 from lab.load import ShortConnections
 from lab.peers import ECHO, payload, sha256
 from lab.topology import pid_alive, wait_for
@@ -114,9 +113,7 @@ def test_connections_queued_at_the_hand_over_are_served(topo, peers, start_daemo
 @pytest.mark.parametrize("breakage", ["import error", "option refused"])
 def test_a_broken_install_leaves_the_old_daemon_serving(topo, peers, start_daemon,
                                                         tmp_path, breakage):
-    install = tmp_path / "install"
-    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install = installed_copy(tmp_path)
     daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
     workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
     if breakage == "import error":
@@ -140,9 +137,7 @@ def test_new_workers_accept_even_if_the_old_ones_never_say_drained(topo, peers, 
     accepts (channel.py). Old workers that never say it (an older program,
     or one stuck) hold it back a second at most: once they stop accepting,
     a connection is served only if the new one took over anyway."""
-    install = tmp_path / "install"
-    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install = installed_copy(tmp_path)
     worker = install / "tcp_intercept" / "worker.py"
     text = worker.read_text()
     assert text.count("self.channel.send(Word.DRAINED)") == 2
@@ -170,9 +165,7 @@ def test_a_slow_check_holds_up_nothing(topo, peers, start_daemon, tmp_path):
     a gate the test opens last), the master answers the control socket and
     replaces a killed worker; then the upgrade goes on. No clock: all of it
     happens while the check is held."""
-    install = tmp_path / "install"
-    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install = installed_copy(tmp_path)
     daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
     workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
     gate = tmp_path / "gate"
@@ -223,9 +216,7 @@ def test_the_histograms_go_on_through_an_upgrade(topo, peers, start_daemon):
 def test_a_check_that_never_finishes_is_killed_after_30_s(topo, peers, start_daemon, tmp_path):
     """The README's promise: the installed program's check gets 30 s, then
     it is killed and the running daemon carries on (30 s of this test)."""
-    install = tmp_path / "install"
-    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install = installed_copy(tmp_path)
     daemon = start_daemon("-w", "2", control=True, log_file=True, repo=install)
     workers = wait_for(lambda: len(daemon.workers()) == 2 and daemon.workers(), 10, "workers")
     check_pid = tmp_path / "check.pid"

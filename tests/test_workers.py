@@ -5,14 +5,13 @@ what they meant with one process."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import threading
 import time
 from datetime import datetime
 
-from lab.intercept import REPO
+from lab.intercept import installed_copy
 from lab.peers import ECHO, exchange, payload, read_to_eof, sha256
 from lab.ss import owners
 from lab.topology import pid_alive, wait_for
@@ -102,9 +101,7 @@ def _send_in_halves(sock, data: bytes) -> None:
 def test_the_launcher_waits_for_every_worker(topo, peers, start_daemon, tmp_path):
     """-w 3, the last worker 1 s slow to start: the launcher exits 0 only once
     all three serve."""
-    install = tmp_path / "install"
-    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install = installed_copy(tmp_path)
     with open(install / "tcp_intercept" / "worker.py", "a") as module:
         module.write("\nimport time as _time\n"
                      "_init = Worker.__init__\n"
@@ -142,9 +139,7 @@ def test_sigterm_to_the_master_stops_every_worker_and_removes_the_pid_file(topo,
 def test_a_worker_that_cannot_start_fails_the_launch_with_71(topo, start_daemon, tmp_path):
     """The launcher waits for every worker: one that dies before it serves
     is the daemon's start-up failure, reported with its reason."""
-    install = tmp_path / "install"
-    shutil.copytree(REPO / "tcp_intercept", install / "tcp_intercept",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    install = installed_copy(tmp_path)
     worker = install / "tcp_intercept" / "worker.py"
     worker.write_text(worker.read_text() + (
         "\n\ndef _planted(*args, **kwargs):\n"
